@@ -1,0 +1,1 @@
+"""Benchmarks and the tiny-model builder used by tests and first-run."""

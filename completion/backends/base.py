@@ -1,0 +1,78 @@
+"""The backend protocol: streaming token generation with KV reuse.
+
+A backend is driven from exactly one thread (the `BackendWorker`'s). Its
+`stream` is a generator: it yields generated token ids one at a time and checks
+`job.cancel` and `job.deadline` between two decode steps, so a stale job stops
+within one step. It fills `job.stats` as it goes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from exlsp.completion.tokenizer import Tokenizer
+from exlsp.completion.types import KvReuseStats
+
+
+@dataclass
+class GenerationJob:
+    prompt: Sequence[int]
+    stop_ids: frozenset[int]
+    max_tokens: int
+    deadline: float = float("inf")  # time.monotonic() seconds
+    reuse_cache: bool = True  # False: drop the KV cache first (the no-reuse baseline)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    stats: KvReuseStats = field(default_factory=KvReuseStats)
+
+    def should_stop(self) -> str | None:
+        """The reason to stop before the next decode step, if any."""
+        if self.cancel.is_set():
+            return "cancelled"
+        if time.monotonic() >= self.deadline:
+            return "deadline"
+        return None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    backend: str
+    architectures: tuple[str, ...] = ()
+    model_type: str = ""
+    context_length: int = 4096
+    parameters: int | None = None
+    device: str = "cpu"
+    dtype: str = ""
+
+
+class Backend(Protocol):
+    name: str
+    tokenizer: Tokenizer
+    info: ModelInfo
+
+    def stream(self, job: GenerationJob) -> Iterator[int]:
+        """Yield generated token ids for `job.prompt`, reusing the KV cache."""
+        ...
+
+    def reset_cache(self) -> None:
+        """Forget the KV cache (the next job prefills its whole prompt)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    # Fast path: compare in blocks (list slices compare in C).
+    lo = 0
+    step = 256
+    while lo + step <= n and list(a[lo : lo + step]) == list(b[lo : lo + step]):
+        lo += step
+    while lo < n and a[lo] == b[lo]:
+        lo += 1
+    return lo

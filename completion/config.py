@@ -1,0 +1,73 @@
+"""Engine settings: plain, fully defaulted dataclasses (camelCase on the wire).
+
+The server composes these into its one configuration tree; the engine and
+the backends read them directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    # A Hugging Face / EXL2 model directory. Empty: the built-in default model
+    # (built locally on first use).
+    path: str = ""
+    # "transformers", "exllamav2", "openai" or "instant" (server-overhead measurement:
+    # loads only the tokenizer and generates nothing).
+    backend: str = "transformers"
+    # "auto", "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"
+    # "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "float16", "bfloat16".
+    dtype: str = "auto"
+    # FIM template family; "auto" detects it from the tokenizer and config.json.
+    # One of: qwen2.5-coder, starcoder2, deepseek-coder, codellama, codestral, codegemma.
+    fimTemplate: str = "auto"
+    # Tokens the backend may keep in its KV cache; 0: the model's own limit.
+    contextLength: int = 0
+    # exllamav2: KV cache type: "fp16", "q8", "q6" or "q4".
+    cacheType: str = "q8"
+    # exllamav2: cache length in tokens (a multiple of 256).
+    maxSeqLen: int = 8192
+    # exllamav2: n-gram speculative decoding.
+    ngramDraft: bool = False
+    # CPU threads for the transformers backend (0: torch's default).
+    threads: int = 0
+
+
+@dataclass
+class CompletionConfig:
+    enabled: bool = True
+    # Token budgets of the prompt windows (counted with the model's tokenizer).
+    prefixTokens: int = 1024
+    suffixTokens: int = 256
+    # Upper bound on the text left of the cursor on its own line.
+    middleTokens: int = 256
+    snippetTokens: int = 1024
+    maxTokens: int = 128
+    # Single-line suggestions stop earlier.
+    maxTokensSingleLine: int = 48
+    # Wall-clock limit per suggestion; what is ready by then is returned.
+    deadlineMs: int = 2000
+    # "auto" decides from the cursor's context; "always" / "never" force it.
+    multiline: str = "auto"
+    # After a request is cancelled, its generation keeps running this long so a
+    # newer request that agrees with it can attach instead of starting again.
+    attachGraceMs: int = 40
+    # Sticky snippets: refresh when the cursor moves this many lines away, or
+    # after the editor was idle this long.
+    snippetRefreshLines: int = 40
+    snippetRefreshIdleMs: int = 1500
+    # Reuse the backend's KV cache across requests (off only for baselines).
+    kvReuse: bool = True
+    # Send partial suggestion text as `exlsp/partialCompletion` notifications.
+    streamPartial: bool = True
+    # Type-ahead results kept per document.
+    typeAheadEntries: int = 64
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    completion: CompletionConfig = field(default_factory=CompletionConfig)

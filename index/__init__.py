@@ -1,0 +1,1 @@
+"""The workspace index (watch -> chunk -> embed -> store -> retrieve)."""

@@ -1,0 +1,1 @@
+"""exlsp LSP adapter: thin handlers over the completion engine and the index."""
