@@ -1,0 +1,179 @@
+"""The reference backend: any local Hugging Face causal LM, CPU or CUDA.
+
+It keeps one sequence's KV cache between jobs. A new prompt is compared with
+the tokens whose keys and values are in the cache (the previous prompt plus
+what was generated after it); the longest common prefix is kept, the cache is
+cropped to it, and only the rest is prefilled. Decoding is greedy, one token
+per forward pass, and the job's cancel flag and deadline are checked between
+two passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from exlsp.completion.backends.base import GenerationJob, ModelInfo, common_prefix_length
+from exlsp.completion.config import ModelConfig
+from exlsp.completion.tokenizer import HfTokenizer
+
+log = logging.getLogger(__name__)
+
+
+def _pick_device(torch: Any, device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _pick_dtype(torch: Any, dtype: str, device: str) -> Any:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        return {
+            "float32": torch.float32,
+            "float16": torch.float16,
+            "bfloat16": torch.bfloat16,
+            "float64": torch.float64,
+        }[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}") from None
+
+
+class TransformersBackend:
+    name = "transformers"
+
+    def __init__(self, config: ModelConfig, model_dir: Path) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # stderr is the editor's log: no progress bars
+
+        self._torch = torch
+        self._cache_cls = DynamicCache
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        self.tokenizer = HfTokenizer(model_dir)
+        self.device = _pick_device(torch, config.device)
+        dtype = _pick_dtype(torch, config.dtype, self.device)
+        hf_config = AutoConfig.from_pretrained(model_dir)
+        loader: Any = AutoModelForCausalLM.from_pretrained
+        self.model: Any = loader(str(model_dir), dtype=dtype)
+        self.model.to(self.device)
+        self.model.eval()
+        limit = int(getattr(hf_config, "max_position_embeddings", 0) or 4096)
+        self.context_length = min(limit, config.contextLength) if config.contextLength else limit
+        self.info = ModelInfo(
+            path=str(model_dir),
+            backend=self.name,
+            architectures=tuple(getattr(hf_config, "architectures", None) or ()),
+            model_type=str(getattr(hf_config, "model_type", "")),
+            context_length=self.context_length,
+            parameters=sum(p.numel() for p in self.model.parameters()),
+            device=self.device,
+            dtype=str(dtype).removeprefix("torch."),
+        )
+        self._past: Any = None
+        self._cached: list[int] = []  # tokens whose K/V are in self._past, in order
+
+    # -- KV cache ------------------------------------------------------------
+
+    def reset_cache(self) -> None:
+        self._past = None
+        self._cached = []
+
+    def _keep(self, n: int) -> None:
+        """Crop the cache to its first `n` tokens."""
+        drop = len(self._cached) - n
+        if drop > 0 and self._past is not None:
+            if n == 0:
+                self.reset_cache()
+                return
+            self._past.crop(-drop)
+            del self._cached[n:]
+
+    def _forward(self, ids: list[int]) -> Any:
+        torch = self._torch
+        if self._past is None:
+            self._past = self._cache_cls(config=self.model.config)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        out = self.model(
+            input_ids=input_ids, past_key_values=self._past, use_cache=True, logits_to_keep=1
+        )
+        self._cached.extend(ids)
+        return out.logits[0, -1]
+
+    # -- generation ----------------------------------------------------------
+
+    def stream(self, job: GenerationJob) -> Iterator[int]:
+        torch = self._torch
+        stats = job.stats
+        prompt = list(job.prompt)
+        if not prompt:
+            raise ValueError("empty prompt")
+        # Room for the prompt and the reply within the model's context; past it, the
+        # prompt's end (the cursor side) is kept. The engine's budgets normally prevent it.
+        room = max(1, self.context_length - min(job.max_tokens, self.context_length // 2))
+        if len(prompt) > room:
+            prompt = prompt[-room:]
+        if not job.reuse_cache:
+            self.reset_cache()
+        t0 = time.perf_counter()
+        # At least the last prompt token is prefilled: its logits give the first token.
+        keep = min(common_prefix_length(self._cached, prompt), len(prompt) - 1)
+        self._keep(keep)
+        stats.prompt_tokens = len(prompt)
+        stats.reused_tokens = keep
+        stats.prefilled_tokens = len(prompt) - keep
+        reason = job.should_stop()
+        if reason:
+            stats.stop_reason = reason
+            return
+        try:
+            with torch.inference_mode():
+                logits = self._forward(prompt[keep:])
+                stats.prefill_ms = (time.perf_counter() - t0) * 1000
+                t1 = time.perf_counter()
+                generated = 0
+                while True:
+                    token = int(torch.argmax(logits).item())
+                    if token in job.stop_ids:
+                        stats.stop_reason = "eos"
+                        break
+                    generated += 1
+                    stats.generated_tokens = generated
+                    if stats.ttft_ms is None:
+                        stats.ttft_ms = (time.perf_counter() - t0) * 1000
+                    yield token
+                    if generated >= job.max_tokens:
+                        stats.stop_reason = "max_tokens"
+                        break
+                    if len(self._cached) + 1 >= self.context_length:
+                        stats.stop_reason = "context_full"
+                        break
+                    reason = job.should_stop()
+                    if reason:
+                        stats.stop_reason = reason
+                        break
+                    logits = self._forward([token])
+                stats.decode_ms = (time.perf_counter() - t1) * 1000
+        except GeneratorExit:
+            stats.stop_reason = stats.stop_reason or "closed"
+            raise
+        except Exception:
+            # A failed forward leaves the cache in an unknown state.
+            self.reset_cache()
+            stats.stop_reason = "error"
+            raise
+
+    def close(self) -> None:
+        self.reset_cache()
+        self.model = None
+
+
+def load_transformers_backend(config: ModelConfig, model_dir: Path) -> TransformersBackend:
+    return TransformersBackend(config, model_dir)

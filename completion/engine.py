@@ -1,0 +1,368 @@
+"""The completion engine: one request in, one suggestion out, as little work as possible.
+
+For each request, in order:
+
+1. type-ahead: the user typed the beginning of a suggestion already made for
+   this place; answer with the rest, no model call;
+2. in-flight reuse: a generation for this place is running and agrees with
+   what was typed since; wait for it instead of starting again;
+3. otherwise build the prompt (sticky snippets, cache-stable layout) and
+   submit a job to the backend worker (which cancels any older job), read the
+   tokens as they stream, post-process them while streaming, stop the job as
+   soon as a filter cuts, and keep the result for type-ahead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from exlsp.completion.backends.base import GenerationJob
+from exlsp.completion.config import CompletionConfig
+from exlsp.completion.fim import FimTokens
+from exlsp.completion.postprocess import FilterContext, decide_multiline, postprocess
+from exlsp.completion.prompt import BuiltPrompt, PromptBuilder
+from exlsp.completion.tokenizer import Tokenizer
+from exlsp.completion.types import (
+    CompletionRequest,
+    CompletionResult,
+    CompletionStats,
+    ContextSource,
+    DocumentView,
+    NoContext,
+    Snippet,
+    Suggestion,
+)
+from exlsp.completion.worker import BackendWorker, GenerationHandle
+
+log = logging.getLogger(__name__)
+
+PartialCallback = Callable[[str], None]
+
+_FILTER_WINDOW = 20  # lines before/after the cursor the filters look at
+_LEFT_CONTEXT = 2000  # characters of the cursor line the filters look at
+
+
+class InvalidPosition(ValueError):
+    """The request points outside the document."""
+
+
+def _eol_stripped(line: str) -> str:
+    return line.rstrip("\r\n")
+
+
+def filter_context(doc: DocumentView, multiline_mode: str = "auto") -> FilterContext:
+    line = _eol_stripped(doc.lines[doc.line]) if doc.line < len(doc.lines) else ""
+    left = line[: doc.character][-_LEFT_CONTEXT:]
+    right = line[doc.character :][:_LEFT_CONTEXT]
+    after = [_eol_stripped(s) for s in doc.lines[doc.line + 1 : doc.line + 1 + _FILTER_WINDOW]]
+    before = [_eol_stripped(s) for s in doc.lines[max(0, doc.line - _FILTER_WINDOW) : doc.line]]
+    if multiline_mode == "always":
+        multiline = True
+    elif multiline_mode == "never":
+        multiline = False
+    else:
+        multiline = decide_multiline(left, right, doc.language)
+    return FilterContext(
+        line_prefix=left,
+        line_suffix=right,
+        lines_after=after,
+        lines_before=before,
+        language=doc.language,
+        multiline=multiline,
+    )
+
+
+# -- type-ahead ----------------------------------------------------------------
+
+PlaceKey = tuple[str, str, str]  # (uri, prefix window, suffix window)
+
+
+class TypeAheadCache:
+    """Suggestions by place and by the text left of the cursor on its line."""
+
+    def __init__(self, places: int) -> None:
+        self._places: OrderedDict[PlaceKey, dict[str, str]] = OrderedDict()
+        self._size = max(1, places)
+
+    def put(self, key: PlaceKey, left: str, text: str) -> None:
+        entries = self._places.setdefault(key, {})
+        self._places.move_to_end(key)
+        entries[left] = text
+        if len(entries) > 128:
+            entries.pop(next(iter(entries)))
+        if len(self._places) > self._size:
+            self._places.popitem(last=False)
+
+    def get(self, key: PlaceKey, left: str) -> str | None:
+        """The rest of a cached suggestion the user has been typing, if any."""
+        entries = self._places.get(key)
+        if not entries:
+            return None
+        if left in entries:
+            return entries[left]
+        best: tuple[int, str] | None = None
+        for old_left, text in entries.items():
+            if len(old_left) < len(left) and left.startswith(old_left):
+                typed = left[len(old_left) :]
+                rest = text[len(typed) :]
+                if (
+                    text.startswith(typed)
+                    and rest.strip()
+                    and (best is None or len(old_left) > best[0])
+                ):
+                    best = (len(old_left), rest)
+        return best[1] if best else None
+
+
+# -- sticky snippets --------------------------------------------------------------
+
+
+@dataclass
+class _StickyEntry:
+    line: int
+    refreshed: float
+    last_seen: float
+    snippets: list[Snippet]
+
+
+class StickySnippets:
+    """Snippets per document, refreshed only when the cursor moves far or after idle.
+
+    A changed snippet invalidates the KV cache of everything after it, so
+    snippets must not change from one keystroke to the next.
+    """
+
+    def __init__(self, source: ContextSource, config: CompletionConfig) -> None:
+        self.source = source
+        self.config = config
+        self._by_uri: OrderedDict[str, _StickyEntry] = OrderedDict()
+        self.refreshes = 0
+
+    async def get(self, doc: DocumentView) -> list[Snippet]:
+        now = time.monotonic()
+        entry = self._by_uri.get(doc.uri)
+        idle = self.config.snippetRefreshIdleMs / 1000
+        if (
+            entry is not None
+            and abs(doc.line - entry.line) < self.config.snippetRefreshLines
+            and now - entry.last_seen < idle
+        ):
+            entry.last_seen = now
+            return entry.snippets
+        try:
+            snippets = await self.source.snippets(doc, self.config.snippetTokens * 4)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("context source failed; continuing without snippets")
+            snippets = entry.snippets if entry else []
+        self.refreshes += 1
+        self._by_uri[doc.uri] = _StickyEntry(doc.line, now, now, list(snippets))
+        self._by_uri.move_to_end(doc.uri)
+        if len(self._by_uri) > 64:
+            self._by_uri.popitem(last=False)
+        return list(snippets)
+
+    def forget(self, uri: str) -> None:
+        self._by_uri.pop(uri, None)
+
+
+# -- generations ------------------------------------------------------------------
+
+
+@dataclass
+class _Generation:
+    key: PlaceKey
+    left: str
+    ctx: FilterContext
+    handle: GenerationHandle
+    task: asyncio.Task[str] | None = None
+    raw: str = ""
+    waiters: int = 0
+    grace: asyncio.TimerHandle | None = None
+    listeners: list[PartialCallback] = field(default_factory=list)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+        if self.grace is not None:
+            self.grace.cancel()
+            self.grace = None
+
+
+def _decoded(tokenizer: Tokenizer, ids: list[int]) -> str:
+    # A token may end inside a multi-byte character: hold that part back.
+    return tokenizer.decode(ids).rstrip("\ufffd")
+
+
+class CompletionEngine:
+    def __init__(
+        self,
+        worker: BackendWorker,
+        tokenizer: Tokenizer,
+        fim: FimTokens,
+        config: CompletionConfig,
+        context: ContextSource | None = None,
+    ) -> None:
+        self.worker = worker
+        self.tokenizer = tokenizer
+        self.fim = fim
+        self.config = config
+        self.builder = PromptBuilder(tokenizer, fim, config)
+        self.type_ahead = TypeAheadCache(config.typeAheadEntries)
+        self.snippets = StickySnippets(context or NoContext(), config)
+        self._running: _Generation | None = None
+        self.last_stats: CompletionStats | None = None
+        self.last_prompt: BuiltPrompt | None = None
+
+    def reconfigure(self, config: CompletionConfig) -> None:
+        self.config = config
+        self.builder.config = config
+        self.snippets.config = config
+
+    def forget(self, uri: str) -> None:
+        """A document closed: drop its per-document state."""
+        self.builder.forget(uri)
+        self.snippets.forget(uri)
+
+    async def complete(
+        self, request: CompletionRequest, on_partial: PartialCallback | None = None
+    ) -> CompletionResult:
+        t0 = time.perf_counter()
+        doc = request.document
+        if not 0 <= doc.line < max(1, len(doc.lines)):
+            raise InvalidPosition(f"line {doc.line} is outside the document")
+        if doc.line < len(doc.lines) and doc.character > len(_eol_stripped(doc.lines[doc.line])):
+            raise InvalidPosition(f"character {doc.character} is past the end of line {doc.line}")
+        if not doc.lines:
+            doc = DocumentView(doc.uri, [""], 0, 0, doc.language, doc.path, doc.version)
+
+        ctx = filter_context(doc, self.config.multiline)
+        snippets = await self.snippets.get(doc)
+        prompt = self.builder.build(doc, snippets)
+        self.last_prompt = prompt
+        key: PlaceKey = (doc.uri, prompt.prefix, prompt.suffix)
+        left = ctx.line_prefix
+        stats = CompletionStats(
+            prompt_tokens=len(prompt.ids),
+            multiline=ctx.multiline,
+            snippet_tokens=prompt.segment_tokens.get("snippets", 0),
+            prompt_build_ms=(time.perf_counter() - t0) * 1000,
+        )
+
+        cached = self.type_ahead.get(key, left)
+        if cached is not None:
+            stats.source = "type-ahead"
+            return self._finish(stats, t0, cached)
+
+        gen = self._running
+        typed = left[len(gen.left) :] if gen is not None and left.startswith(gen.left) else None
+        if (
+            gen is not None
+            and gen.key == key
+            and typed is not None
+            and (gen.raw.startswith(typed) or typed.startswith(gen.raw))
+        ):
+            stats.source = "attached"
+        else:
+            if gen is not None:
+                gen.cancel()
+            gen = self._start(key, left, ctx, prompt, t0)
+            typed = ""
+        raw = await self._wait(gen, on_partial, typed)
+        job_stats = gen.handle.job.stats
+        if stats.source != "attached":
+            stats.reused_tokens = job_stats.reused_tokens
+            stats.prefilled_tokens = job_stats.prefilled_tokens
+            stats.ttft_ms = job_stats.ttft_ms
+            if gen.handle.started is not None:
+                stats.queue_ms = (gen.handle.started - gen.handle.submitted) * 1000
+        stats.generated_tokens = job_stats.generated_tokens
+        stats.stop_reason = job_stats.stop_reason
+        if not raw.startswith(typed):
+            stats.source = "empty"
+            return self._finish(stats, t0, "")
+        text = postprocess(raw[len(typed) :], ctx, final=True).text
+        if text:
+            self.type_ahead.put(key, left, text)
+        return self._finish(stats, t0, text)
+
+    def _finish(self, stats: CompletionStats, t0: float, text: str) -> CompletionResult:
+        stats.total_ms = (time.perf_counter() - t0) * 1000
+        self.last_stats = stats
+        log.debug("completion %s", stats)
+        return CompletionResult([Suggestion(text)] if text else [], stats)
+
+    def _start(
+        self, key: PlaceKey, left: str, ctx: FilterContext, prompt: BuiltPrompt, t0: float
+    ) -> _Generation:
+        max_tokens = self.config.maxTokens if ctx.multiline else self.config.maxTokensSingleLine
+        job = GenerationJob(
+            prompt=prompt.ids,
+            stop_ids=self.fim.stop_ids,
+            max_tokens=max_tokens,
+            deadline=time.monotonic() + self.config.deadlineMs / 1000 - (time.perf_counter() - t0),
+            reuse_cache=self.config.kvReuse,
+        )
+        gen = _Generation(key, left, ctx, self.worker.submit(job))
+        gen.task = asyncio.get_running_loop().create_task(self._drive(gen))
+        self._running = gen
+        return gen
+
+    async def _drive(self, gen: _Generation) -> str:
+        """Read the job's tokens, post-process as they come, stop at the first cut."""
+        ids: list[int] = []
+        stopped = False
+        try:
+            async for token in gen.handle.tokens():
+                if stopped:
+                    continue
+                ids.append(token)
+                text = _decoded(self.tokenizer, ids)
+                done = postprocess(text, gen.ctx, final=False)
+                gen.raw = text
+                for listener in list(gen.listeners):
+                    listener(done.text)
+                if done.truncated:
+                    # Everything after the cut is thrown away: stop decoding now.
+                    stopped = True
+                    gen.handle.cancel()
+        finally:
+            if self._running is gen:
+                self._running = None
+        return gen.raw
+
+    async def _wait(self, gen: _Generation, on_partial: PartialCallback | None, typed: str) -> str:
+        assert gen.task is not None
+        gen.waiters += 1
+        if gen.grace is not None:
+            gen.grace.cancel()
+            gen.grace = None
+        listener: PartialCallback | None = None
+        if on_partial is not None and self.config.streamPartial:
+
+            def listener(text: str) -> None:
+                if text.startswith(typed) and len(text) > len(typed):
+                    on_partial(text[len(typed) :])
+
+            gen.listeners.append(listener)
+        try:
+            return await asyncio.shield(gen.task)
+        except asyncio.CancelledError:
+            gen.waiters -= 1
+            if gen.waiters == 0 and not gen.task.done():
+                # Keep it briefly: the editor cancels the old request just before it
+                # sends the next keystroke's, which may attach to this generation.
+                loop = asyncio.get_running_loop()
+                gen.grace = loop.call_later(self.config.attachGraceMs / 1000, gen.cancel)
+            raise
+        except Exception as e:
+            log.warning("generation failed: %s", e)
+            raise
+        finally:
+            if listener is not None and listener in gen.listeners:
+                gen.listeners.remove(listener)

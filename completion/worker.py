@@ -1,0 +1,192 @@
+"""The one thread that owns a backend (and with it the GPU).
+
+The event loop never calls the model: it submits a `GenerationJob` and reads
+the tokens back through an asyncio queue. Latest wins: submitting a job
+cancels the one running and any waiting, and a cancelled job stops between two
+decode steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from exlsp.completion.backends.base import Backend, GenerationJob
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_DONE = object()
+
+
+class GenerationHandle:
+    """The event loop's side of one job: its tokens as they come, then its end."""
+
+    def __init__(self, job: GenerationJob, loop: asyncio.AbstractEventLoop) -> None:
+        self.job = job
+        self._loop = loop
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.done = loop.create_future()
+        self.submitted = time.perf_counter()
+        self.started: float | None = None
+
+    # Called on the worker thread.
+    def _put(self, item: Any) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def _finish(self, error: BaseException | None) -> None:
+        def finish() -> None:
+            self._queue.put_nowait(_DONE)
+            if not self.done.done():
+                if error is None:
+                    self.done.set_result(self.job.stats)
+                else:
+                    self.done.set_exception(error)
+                    self.done.exception()  # mark retrieved: callers read it via tokens()
+
+        self._loop.call_soon_threadsafe(finish)
+
+    def cancel(self) -> None:
+        self.job.cancel.set()
+
+    async def tokens(self) -> AsyncIterator[int]:
+        """Generated tokens until the job ends; raises the backend's error, if any."""
+        while True:
+            item = await self._queue.get()
+            if item is _DONE:
+                break
+            yield item
+        await self.done
+
+
+class BackendWorker:
+    def __init__(self, name: str = "backend") -> None:
+        self._jobs: queue.Queue[tuple[Callable[[], Any], asyncio.Future[Any] | None] | None] = (
+            queue.Queue()
+        )
+        self._thread = threading.Thread(target=self._run, name=f"exlsp-{name}", daemon=True)
+        self._current: GenerationHandle | None = None
+        self._pending: GenerationHandle | None = None
+        self._lock = threading.Lock()
+        self.backend: Backend | None = None
+        self._thread.start()
+
+    # -- generic calls -------------------------------------------------------
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the worker thread (model load, cache reset...)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((fn, fut))
+        return await fut
+
+    def call_sync(self, fn: Callable[[], T], timeout: float | None = None) -> T:
+        """Run `fn` on the worker thread and wait (for CLI use, outside an event loop)."""
+        box: dict[str, Any] = {}
+        ev = threading.Event()
+
+        def run() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as e:
+                box["error"] = e
+            ev.set()
+
+        self._jobs.put((run, None))
+        if not ev.wait(timeout):
+            raise TimeoutError("backend worker did not answer")
+        if "error" in box:
+            raise box["error"]
+        value: T = box["value"]
+        return value
+
+    async def load(self, factory: Callable[[], Backend]) -> Backend:
+        backend = await self.call(factory)
+        self.backend = backend
+        return backend
+
+    # -- generation ------------------------------------------------------------
+
+    def submit(self, job: GenerationJob) -> GenerationHandle:
+        """Queue `job`, cancelling whatever runs or waits: the latest request wins."""
+        handle = GenerationHandle(job, asyncio.get_running_loop())
+        with self._lock:
+            for stale in (self._current, self._pending):
+                if stale is not None:
+                    stale.cancel()
+            self._pending = handle
+        self._jobs.put((lambda: self._generate(handle), None))
+        return handle
+
+    def _generate(self, handle: GenerationHandle) -> None:
+        with self._lock:
+            if self._pending is handle:
+                self._pending = None
+            self._current = handle
+        job = handle.job
+        error: BaseException | None = None
+        try:
+            backend = self.backend
+            if backend is None:
+                raise RuntimeError("no model loaded")
+            reason = job.should_stop()
+            if reason:
+                job.stats.stop_reason = reason
+            else:
+                handle.started = time.perf_counter()
+                for token in backend.stream(job):
+                    handle._put(token)
+        except BaseException as e:
+            log.exception("generation failed")
+            error = e
+        finally:
+            with self._lock:
+                if self._current is handle:
+                    self._current = None
+            handle._finish(error)
+
+    # -- thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                break
+            fn, fut = item
+            if fut is None:
+                fn()
+                continue
+            try:
+                value = fn()
+            except BaseException as e:
+                loop = fut.get_loop()
+                loop.call_soon_threadsafe(_set_exception, fut, e)
+            else:
+                loop = fut.get_loop()
+                loop.call_soon_threadsafe(_set_result, fut, value)
+
+    def close(self) -> None:
+        with self._lock:
+            for h in (self._current, self._pending):
+                if h is not None:
+                    h.cancel()
+        backend = self.backend
+        if backend is not None:
+            self._jobs.put((backend.close, None))
+        self._jobs.put(None)
+        self._thread.join(timeout=5)
+
+
+def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

@@ -1,0 +1,5 @@
+import sys
+
+from exlsp.server.cli import main
+
+sys.exit(main())

@@ -1,0 +1,121 @@
+"""The one configuration tree, fully defaulted, camelCase on the wire.
+
+Precedence: defaults < `initializationOptions` < `workspace/configuration`
+(section "exlsp") / `workspace/didChangeConfiguration`. A bad value is
+reported and its default (or the value it had) kept; the rest still applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from exlsp.completion.config import CompletionConfig, EngineConfig, ModelConfig
+
+_LEVELS = ("critical", "error", "warning", "info", "debug")
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("logging", "level"): _LEVELS,
+    ("completion", "multiline"): ("auto", "always", "never"),
+    ("model", "backend"): ("transformers", "exllamav2", "openai", "instant"),
+    ("model", "dtype"): ("auto", "float32", "float16", "bfloat16"),
+    ("model", "cacheType"): ("fp16", "q8", "q6", "q4"),
+}
+# Integers that must be positive; the others must be >= 0.
+_POSITIVE = {
+    "prefixTokens",
+    "suffixTokens",
+    "middleTokens",
+    "maxTokens",
+    "maxTokensSingleLine",
+    "deadlineMs",
+    "typeAheadEntries",
+    "maxSeqLen",
+}
+
+
+@dataclass
+class LoggingConfig:
+    level: str = "info"
+    # Also log to this file ("" = only the client's log via window/logMessage).
+    file: str = ""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    completion: CompletionConfig = field(default_factory=CompletionConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def engine(self) -> EngineConfig:
+        return EngineConfig(model=self.model, completion=self.completion)
+
+
+def to_wire(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def default_wire_config() -> dict[str, Any]:
+    """The complete default tree as the client sends it (the README shows it)."""
+    return to_wire(Config())
+
+
+def _check(section: str, name: str, typ: Any, value: Any) -> Any:
+    """The value converted to the field's type, or ValueError."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError("expected true or false")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+            raise ValueError("expected an integer")
+        value = int(value)
+        if (name in _POSITIVE and value <= 0) or value < 0:
+            raise ValueError("expected a positive integer" if name in _POSITIVE else ">= 0")
+        return value
+    if typ is str:
+        if not isinstance(value, str):
+            raise ValueError("expected a string")
+        choices = _CHOICES.get((section, name))
+        if choices and value.lower() not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value.lower() if choices else value
+    if typing.get_origin(typ) in (list, types.GenericAlias) or typ is list:
+        if not isinstance(value, list):
+            raise ValueError("expected a list")
+        return list(value)
+    raise ValueError(f"unsupported setting type {typ}")
+
+
+def merge(obj: Any, wire: Any, path: str = "") -> tuple[Any, list[str]]:
+    """A copy of dataclass `obj` with the values of `wire` applied; and the problems."""
+    errors: list[str] = []
+    if wire is None:
+        return obj, errors
+    if not isinstance(wire, dict):
+        return obj, [f"{path or 'settings'}: expected an object"]
+    hints = typing.get_type_hints(type(obj))
+    known = {f.name for f in dataclasses.fields(obj)}
+    changes: dict[str, Any] = {}
+    for key, value in wire.items():
+        where = f"{path}.{key}" if path else key
+        if key not in known:
+            errors.append(f"{where}: unknown setting")
+            continue
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            changes[key], sub = merge(current, value, where)
+            errors += sub
+            continue
+        try:
+            changes[key] = _check(path, key, hints[key], value)
+        except ValueError as e:
+            errors.append(f"{where}: {e} (got {value!r}); keeping {current!r}")
+    return dataclasses.replace(obj, **changes), errors
+
+
+def level_number(level: str) -> int:
+    return int(logging.getLevelName(level.upper()))

@@ -1,0 +1,328 @@
+"""`exlsp doctor`: can this machine serve the configured model, and if not, why.
+
+Prints one aligned table (GPU, driver, CUDA, torch, exllamav2 and its CUDA
+extension, flash-attn, the model directory's family, quantization, size and
+parameters, whether it loads and with how much VRAM) and ends with one line:
+``ok: ...`` and exit status 0 when the configured backend can run, or
+``not ready: <reason>`` and exit status 1.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from exlsp.completion.backends.exllamav2_backend import (
+    ExLlamaV2LoadError,
+    extension_build_dir,
+    find_stale_extension_lock,
+    import_exllamav2,
+    read_model_config,
+    safetensors_parameter_count,
+)
+from exlsp.completion.config import ModelConfig
+
+NOT_INSTALLED = "not installed"
+
+
+@dataclass
+class DoctorReport:
+    rows: list[tuple[str, str]] = field(default_factory=list)
+    problem: str | None = None
+    serving: str = ""
+
+    def add(self, label: str, value: str) -> None:
+        self.rows.append((label, value))
+
+    def fail(self, reason: str) -> None:
+        if self.problem is None:  # the first problem is the one to fix first
+            self.problem = reason
+
+    def render(self) -> str:
+        width = max((len(label) for label, _ in self.rows), default=0)
+        lines = ["exlsp doctor", ""]
+        for label, value in self.rows:
+            first, *rest = value.splitlines() or [""]
+            lines.append(f"  {label.ljust(width)}  {first}")
+            lines += [f"  {'':<{width}}  {more}" for more in rest]
+        lines.append("")
+        if self.problem is None:
+            lines.append(f"ok: {self.serving}")
+        else:
+            lines.append("not ready: " + " ".join(self.problem.split()))
+        return "\n".join(lines) + "\n"
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return NOT_INSTALLED
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=15, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _bytes(n: float) -> str:
+    return _gib(n) if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _human_count(n: int) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} B"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} M"
+    return f"{n:,}"
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# --- the machine ------------------------------------------------------------------
+
+
+def _machine_rows(report: DoctorReport) -> bool:
+    """GPU, driver, CUDA and torch rows; whether a CUDA GPU is usable."""
+    try:
+        import torch
+    except ImportError:
+        report.add("torch", NOT_INSTALLED)
+        report.fail("torch is not installed")
+        return False
+    has_gpu = bool(torch.cuda.is_available())
+    if has_gpu:
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            free, total = torch.cuda.mem_get_info(i)
+            report.add(
+                f"GPU {i}",
+                f"{props.name}, {_gib(total)} ({_gib(free)} free), "
+                f"compute capability {props.major}.{props.minor}",
+            )
+    else:
+        report.add("GPU", "none (torch.cuda.is_available() is False)")
+    smi = _run(["nvidia-smi"]) if shutil.which("nvidia-smi") else None
+    if smi is None:
+        report.add(
+            "NVIDIA driver",
+            "nvidia-smi not found" if not shutil.which("nvidia-smi") else "nvidia-smi failed",
+        )
+    else:
+        driver = re.search(r"Driver Version:\s*([\w.]+)", smi)
+        cuda = re.search(r"CUDA Version:\s*([\w.]+)", smi)
+        report.add("NVIDIA driver", driver.group(1) if driver else "?")
+        report.add("CUDA (driver)", cuda.group(1) if cuda else "?")
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+    report.add("torch", f"{torch.__version__} ({build})")
+    nvcc = _run(["nvcc", "--version"]) if shutil.which("nvcc") else None
+    release = re.search(r"release ([\d.]+)", nvcc or "")
+    report.add("nvcc", release.group(1) if release else "not found")
+    return has_gpu
+
+
+def _exllamav2_rows(report: DoctorReport, has_gpu: bool, wanted: bool) -> bool:
+    """exllamav2, its extension and flash-attn; whether exllamav2 imports."""
+    version = _version("exllamav2")
+    report.add("exllamav2", version)
+    build_dir = extension_build_dir()
+    stale = find_stale_extension_lock(build_dir)
+    built = build_dir.is_dir() and any(p.suffix == ".so" for p in build_dir.iterdir())
+    state = "built" if built else "not built (the first import compiles it: minutes)"
+    if stale is not None:
+        state = f"STALE LOCK {stale[0]} (an interrupted build): delete it"
+    report.add("exllamav2 extension", f"{state}\nin {build_dir}")
+    imported = False
+    if version == NOT_INSTALLED:
+        report.add("exllamav2 import", "not tried: not installed")
+    elif not has_gpu:
+        report.add("exllamav2 import", "not tried: no GPU")
+    elif not wanted and not built:
+        report.add("exllamav2 import", "not tried: backend is not exllamav2 (would compile)")
+    else:
+        t0 = time.perf_counter()
+        try:
+            import_exllamav2()
+        except ExLlamaV2LoadError as e:
+            report.add("exllamav2 import", f"failed: {e}")
+            if wanted:
+                report.fail(str(e))
+        else:
+            imported = True
+            report.add("exllamav2 import", f"ok ({time.perf_counter() - t0:.1f} s)")
+    flash = _version("flash-attn")
+    report.add(
+        "flash-attn",
+        flash if flash != NOT_INSTALLED else "not installed (exllamav2 uses torch SDPA)",
+    )
+    if wanted and report.problem is None:
+        if not has_gpu:
+            report.fail(
+                "the exllamav2 backend needs a CUDA GPU and this machine has none; "
+                'set model.backend to "transformers" here'
+            )
+        elif version == NOT_INSTALLED:
+            report.fail("exllamav2 is not installed: pip install 'exlsp[gpu]' (exllamav2==0.3.2)")
+    return imported
+
+
+# --- the model --------------------------------------------------------------------
+
+
+def _default_model_dir() -> tuple[Path | None, str]:
+    from exlsp.benchmarks.build_model import DEFAULT_MODEL, cache_dir, model_dir_name
+
+    path = cache_dir() / "models" / model_dir_name(**DEFAULT_MODEL)
+    return (
+        (path, f"{path} (built-in default)")
+        if path.is_dir()
+        else (
+            None,
+            f"built-in default, not built yet (built on first start, about a minute) at {path}",
+        )
+    )
+
+
+def _quantization(cfg: dict[str, Any], path: Path) -> str:
+    quant = cfg.get("quantization_config")
+    extra = " (measurement.json present)" if (path / "measurement.json").is_file() else ""
+    if isinstance(quant, dict):
+        method = str(quant.get("quant_method", "?"))
+        bits = quant.get("bits")
+        if method == "exl2":
+            head = quant.get("head_bits")
+            return f"EXL2 {bits} bpw" + (f" (head {head} bit)" if head else "") + extra
+        return f"{method} {bits}-bit" + extra if bits else method + extra
+    dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "?"
+    return f"{dtype} (unquantized)" + extra
+
+
+def _model_rows(report: DoctorReport, model: ModelConfig) -> tuple[Path | None, dict[str, Any]]:
+    if model.path:
+        path: Path | None = Path(model.path).expanduser()
+        report.add("model dir", str(path))
+        assert path is not None
+        if not path.is_dir():
+            report.fail(f"model directory not found: {path}")
+            return None, {}
+        if not (path / "config.json").is_file():
+            report.fail(f"not a model directory (no config.json): {path}")
+            return None, {}
+    else:
+        path, shown = _default_model_dir()
+        report.add("model dir", shown)
+        if path is None:
+            return None, {}
+    cfg = read_model_config(path)
+    archs = ", ".join(str(a) for a in cfg.get("architectures") or []) or "?"
+    report.add("architecture", f"{archs} ({cfg.get('model_type', '?')})")
+    report.add("FIM template", _fim_family(model, path))
+    quant = _quantization(cfg, path)
+    report.add("weights", quant)
+    try:
+        params = safetensors_parameter_count(path)
+    except (OSError, ValueError) as e:
+        report.add("parameters", f"unreadable safetensors header: {e}")
+    else:
+        report.add("parameters", _human_count(params) if params else "no safetensors files")
+    report.add("size on disk", _bytes(_dir_size(path)))
+    context = cfg.get("max_position_embeddings")
+    if context:
+        report.add("context (model)", f"{context} tokens")
+    if model.backend == "transformers" and quant.startswith("EXL2"):
+        report.fail("an EXL2 model needs the exllamav2 backend (model.backend), not transformers")
+    return path, cfg
+
+
+def _fim_family(model: ModelConfig, path: Path) -> str:
+    if model.fimTemplate != "auto":
+        return f"{model.fimTemplate} (configured)"
+    try:
+        from exlsp.completion.fim import detect_family
+        from exlsp.completion.tokenizer import HfTokenizer
+
+        return f"{detect_family(HfTokenizer(path), path)} (detected)"
+    except Exception as e:
+        return f"unknown: {e}"
+
+
+# --- loading ------------------------------------------------------------------------
+
+
+def _load_rows(report: DoctorReport, model: ModelConfig, path: Path) -> None:
+    import dataclasses
+
+    import torch
+
+    from exlsp.completion.service import create_backend
+
+    cuda = torch.cuda.is_available()
+    free_before = torch.cuda.mem_get_info()[0] if cuda else 0
+    t0 = time.perf_counter()
+    try:
+        backend = create_backend(dataclasses.replace(model, path=str(path)))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        report.add("loads", f"no: {first}")
+        report.fail(f"the {model.backend} backend cannot load {path}: {first}")
+        return
+    seconds = time.perf_counter() - t0
+    try:
+        info = backend.info
+        detail = f"yes, in {seconds:.1f} s on {info.device}"
+        if cuda:
+            vram = getattr(backend, "vram_bytes", None)
+            if vram is None:
+                vram = free_before - torch.cuda.mem_get_info()[0]
+            detail += f", {_bytes(vram)} VRAM"
+        report.add("loads", detail)
+        if info.parameters:
+            report.add("parameters (loaded)", _human_count(info.parameters))
+        report.serving = (
+            f"the {backend.name} backend serves {Path(info.path).name} on {info.device}"
+            + (f" ({info.dtype})" if info.dtype else "")
+        )
+    finally:
+        backend.close()
+
+
+def run_doctor(model: ModelConfig, out: TextIO = sys.stdout, *, load: bool = True) -> int:
+    """Print the diagnosis for `model`; 0 when its backend can run here, else 1."""
+    report = DoctorReport()
+    report.add("exlsp", _version("exlsp"))
+    report.add("python", sys.version.split()[0])
+    has_gpu = _machine_rows(report)
+    _exllamav2_rows(report, has_gpu, wanted=model.backend == "exllamav2")
+    report.add("backend", model.backend)
+    path, _ = _model_rows(report, model)
+    if report.problem is None and path is not None:
+        if load:
+            _load_rows(report, model, path)
+        else:
+            report.add("loads", "not tried (--no-load)")
+            report.serving = f"the {model.backend} backend is configured for {path.name}"
+    elif path is None and report.problem is None:
+        report.add("loads", "not tried: the default model is built on first start")
+        report.serving = f"the {model.backend} backend, once the default model is built"
+    elif report.problem is not None:
+        report.add("loads", "not tried")
+    out.write(report.render())
+    out.flush()
+    return 0 if report.problem is None else 1

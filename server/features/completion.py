@@ -1,0 +1,59 @@
+"""textDocument/completion: the suggestion as a completion item, for editors without
+ghost text (Helix). The item's edit starts at the beginning of the word already
+typed, so accepting it replaces that word instead of repeating it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from lsprotocol import types
+
+from exlsp.completion.types import Trigger
+from exlsp.server.documents import line_body, to_units
+from exlsp.server.lsp import ExlspServer
+
+_WORD_TAIL = re.compile(r"[\w$]+$")
+
+
+def register(server: ExlspServer) -> None:
+    @server.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions())
+    async def completion(ls: ExlspServer, params: types.CompletionParams) -> types.CompletionList:
+        view = ls.document_view(params.text_document.uri, params.position)
+        invoked = (
+            params.context is not None
+            and params.context.trigger_kind == types.CompletionTriggerKind.Invoked
+        )
+        result = await ls.complete(
+            view, params.position, Trigger.INVOKED if invoked else Trigger.AUTOMATIC
+        )
+        if not result.suggestions:
+            return types.CompletionList(is_incomplete=True, items=[])
+        body = line_body(view.lines[view.line])
+        left = body[: view.character]
+        m = _WORD_TAIL.search(left)
+        word = m.group(0) if m else ""
+        start_units = to_units(body, view.character - len(word), ls.encoding)
+        start = types.Position(params.position.line, start_units)
+        end = types.Position(params.position.line, params.position.character)
+        items = []
+        for s in result.suggestions:
+            first = s.text.split("\n", 1)[0].strip() or s.text.strip()
+            items.append(
+                types.CompletionItem(
+                    label=(word + first)[:80] or first[:80],
+                    kind=types.CompletionItemKind.Snippet,
+                    detail="exlsp",
+                    documentation=types.MarkupContent(
+                        kind=types.MarkupKind.Markdown,
+                        value=f"```{view.language}\n{left}{s.text}\n```",
+                    ),
+                    filter_text=word + s.text,
+                    sort_text="0",
+                    preselect=True,
+                    insert_text_format=types.InsertTextFormat.PlainText,
+                    text_edit=types.TextEdit(range=types.Range(start, end), new_text=word + s.text),
+                )
+            )
+        # Incomplete: the client asks again as the user types.
+        return types.CompletionList(is_incomplete=True, items=items)

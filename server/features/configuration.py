@@ -1,0 +1,83 @@
+"""Configuration: initializationOptions, workspace/configuration, didChangeConfiguration."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+from lsprotocol import types
+
+from exlsp.server.config import merge
+from exlsp.server.lsp import ExlspServer
+
+log = logging.getLogger(__name__)
+
+SECTION = "exlsp"
+
+
+def apply_settings(ls: ExlspServer, settings: Any, origin: str) -> bool:
+    """Merge client settings; report problems once. True if the model section changed."""
+    if settings is None:
+        return False
+    if isinstance(settings, dict) and SECTION in settings and isinstance(settings[SECTION], dict):
+        settings = settings[SECTION]  # didChangeConfiguration often wraps the section
+    new, errors = merge(ls.config, settings)
+    for error in errors:
+        ls.show_once(f"exlsp: bad setting in {origin}: {error}", types.MessageType.Warning)
+    model_changed = new.model != ls.config.model
+    ls.config = new
+    ls.apply_logging()
+    if ls.service is not None and not model_changed:
+        ls.service.reconfigure(new.completion)
+    return model_changed
+
+
+async def fetch_workspace_settings(ls: ExlspServer) -> Any:
+    caps = ls.client_capabilities.workspace
+    if caps is None or not caps.configuration:
+        return None
+    try:
+        # Shielded: cancelling a task that awaits a client request upsets pygls.
+        result = await asyncio.shield(
+            ls.workspace_configuration_async(
+                types.ConfigurationParams(items=[types.ConfigurationItem(section=SECTION)])
+            )
+        )
+    except Exception as e:
+        log.warning("workspace/configuration failed: %s", e)
+        return None
+    return result[0] if result else None
+
+
+def register(server: ExlspServer) -> None:
+    @server.feature(types.INITIALIZE)
+    def initialize(ls: ExlspServer, params: types.InitializeParams) -> None:
+        ls.event_loop = asyncio.get_running_loop()
+        ls.loop_thread = threading.get_ident()
+        apply_settings(ls, params.initialization_options, "initializationOptions")
+
+    @server.feature(types.INITIALIZED)
+    async def initialized(ls: ExlspServer, params: types.InitializedParams) -> None:
+        ls.initialized = True
+        ls.apply_logging()
+        apply_settings(ls, await fetch_workspace_settings(ls), "workspace configuration")
+        ls.start_model()
+
+    @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+    async def did_change_configuration(
+        ls: ExlspServer, params: types.DidChangeConfigurationParams
+    ) -> None:
+        settings = params.settings
+        if not settings:
+            # Pull model: the notification only says something changed.
+            settings = await fetch_workspace_settings(ls)
+        if apply_settings(ls, settings, "settings") and ls.initialized:
+            log.info("model settings changed: reloading")
+            ls.start_model()
+
+    @server.feature(types.SHUTDOWN)
+    def shutdown(ls: ExlspServer, params: Any) -> None:
+        if ls.service is not None:
+            ls.service.close()

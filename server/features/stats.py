@@ -1,0 +1,36 @@
+"""`exlsp/stats`: figures of the last completion and the model's state."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from exlsp.server.lsp import ExlspServer
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(w.title() for w in rest)
+
+
+def stats_payload(ls: ExlspServer) -> dict[str, Any]:
+    service = ls.service
+    engine = service.engine if service else None
+    last = engine.last_stats if engine else None
+    backend = service.backend if service else None
+    return {
+        "state": service.state if service else "idle",
+        "error": service.error if service else None,
+        "model": dataclasses.asdict(backend.info) if backend else None,
+        "fimTemplate": engine.fim.template.family if engine else None,
+        "last": {_camel(k): v for k, v in dataclasses.asdict(last).items()} if last else None,
+        "lastPromptSegments": engine.last_prompt.segment_tokens
+        if engine and engine.last_prompt
+        else None,
+    }
+
+
+def register(server: ExlspServer) -> None:
+    @server.feature("exlsp/stats")
+    async def stats(ls: ExlspServer, params: Any) -> dict[str, Any]:
+        return stats_payload(ls)

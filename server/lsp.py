@@ -1,0 +1,252 @@
+"""The exlsp language server: state shared by the features, and the factory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import types as pytypes
+from importlib import metadata
+from typing import Any, ClassVar
+
+from lsprotocol import types
+from pygls.exceptions import JsonRpcInvalidParams
+from pygls.lsp.server import LanguageServer
+from pygls.protocol import LanguageServerProtocol
+from pygls.protocol.language_server import lsp_method
+
+from exlsp.completion.service import CompletionService
+from exlsp.completion.types import CompletionResult, DocumentView, Trigger
+from exlsp.server.config import Config, level_number
+from exlsp.server.documents import DocumentStore, PositionError
+
+log = logging.getLogger(__name__)
+
+try:
+    __version__ = metadata.version("exlsp")
+except metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0"
+
+ENCODINGS = {
+    types.PositionEncodingKind.Utf8: "utf-8",
+    types.PositionEncodingKind.Utf16: "utf-16",
+    types.PositionEncodingKind.Utf32: "utf-32",
+}
+
+
+class ExlspProtocol(LanguageServerProtocol):
+    """pygls' protocol with two changes.
+
+    - Open documents live in `ExlspServer.documents` (LSP-conformant lines,
+      incremental edits by line); pygls' own copy is not kept.
+    - A request whose params do not deserialize is answered with -32602
+      instead of being dropped.
+    """
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_OPEN)
+    def lsp_text_document__did_open(self, params: types.DidOpenTextDocumentParams) -> Any:
+        if (handler := self.fm.features.get(types.TEXT_DOCUMENT_DID_OPEN)) is not None:
+            yield handler, (params,), None
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_CHANGE)
+    def lsp_text_document__did_change(self, params: types.DidChangeTextDocumentParams) -> Any:
+        if (handler := self.fm.features.get(types.TEXT_DOCUMENT_DID_CHANGE)) is not None:
+            yield handler, (params,), None
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_CLOSE)
+    def lsp_text_document__did_close(self, params: types.DidCloseTextDocumentParams) -> Any:
+        if (handler := self.fm.features.get(types.TEXT_DOCUMENT_DID_CLOSE)) is not None:
+            yield handler, (params,), None
+
+    def structure_message(self, data: dict[str, Any]) -> Any:
+        try:
+            return super().structure_message(data)
+        except Exception:
+            if isinstance(data, dict) and "id" in data and "method" in data:
+                error = JsonRpcInvalidParams(f"invalid params for {data.get('method')}")
+                self._send_response(data["id"], None, error.to_response_error())
+            # handle_message ignores a message whose jsonrpc is not "2.0".
+            return pytypes.SimpleNamespace(jsonrpc="invalid")
+
+
+class ClientLogHandler(logging.Handler):
+    """Forwards log records to the client as `window/logMessage`."""
+
+    _TYPES: ClassVar[dict[int, types.MessageType]] = {
+        logging.ERROR: types.MessageType.Error,
+        logging.WARNING: types.MessageType.Warning,
+        logging.INFO: types.MessageType.Info,
+    }
+
+    def __init__(self, server: ExlspServer) -> None:
+        super().__init__()
+        self.server = server
+
+    def emit(self, record: logging.LogRecord) -> None:
+        loop = self.server.event_loop
+        if not self.server.initialized or loop is None or loop.is_closed():
+            return
+        if threading.get_ident() != self.server.loop_thread:
+            # Records from the backend or index threads: send from the event loop.
+            loop.call_soon_threadsafe(self.emit, record)
+            return
+        kind = self._TYPES.get(record.levelno, types.MessageType.Log)
+        if record.levelno >= logging.ERROR:
+            kind = types.MessageType.Error
+        with contextlib.suppress(Exception):  # the transport may be gone at exit
+            self.server.window_log_message(
+                types.LogMessageParams(type=kind, message=self.format(record))
+            )
+
+
+class ExlspServer(LanguageServer):
+    def __init__(self) -> None:
+        super().__init__("exlsp", __version__, protocol_cls=ExlspProtocol)
+        self.documents = DocumentStore()
+        self.config = Config()
+        self.service: CompletionService | None = None
+        self.context_source: Any = None
+        self.initialized = False
+        self.event_loop: asyncio.AbstractEventLoop | None = None
+        self.loop_thread: int | None = None
+        self._load_task: asyncio.Task[None] | None = None
+        self._shown: set[str] = set()
+        self.last_latency_ms: float | None = None
+        self.client_log = ClientLogHandler(self)
+        self.client_log.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    # -- positions and documents ------------------------------------------------
+
+    @property
+    def encoding(self) -> str:
+        try:
+            kind = self.workspace.position_encoding
+        except Exception:
+            return "utf-16"
+        if kind is None:
+            return "utf-16"
+        return ENCODINGS.get(types.PositionEncodingKind(kind), "utf-16")
+
+    def document_view(self, uri: str, position: types.Position) -> DocumentView:
+        doc = self.documents.get(uri)
+        if doc is None:
+            raise JsonRpcInvalidParams(f"unknown document {uri}; open it first")
+        try:
+            line, character = doc.char_position(position.line, position.character, self.encoding)
+        except PositionError as e:
+            raise JsonRpcInvalidParams(str(e)) from None
+        return DocumentView(
+            uri=uri,
+            lines=doc.lines,
+            line=line,
+            character=character,
+            language=doc.language,
+            path=uri.removeprefix("file://"),
+            version=doc.version,
+        )
+
+    # -- completions ------------------------------------------------------------
+
+    async def complete(
+        self,
+        view: DocumentView,
+        position: types.Position,
+        trigger: Trigger = Trigger.AUTOMATIC,
+    ) -> CompletionResult:
+        """Run the engine for one request; shared by inline and fallback completion."""
+        from exlsp.completion.types import CompletionRequest
+
+        service = self.service
+        if service is None:
+            return CompletionResult(error="model not loaded")
+
+        def on_partial(text: str) -> None:
+            self.protocol.notify(
+                "exlsp/partialCompletion",
+                {
+                    "uri": view.uri,
+                    "position": {"line": position.line, "character": position.character},
+                    "text": text,
+                },
+            )
+
+        t0 = time.perf_counter()
+        result = await service.complete(CompletionRequest(view, trigger), on_partial)
+        self.last_latency_ms = (time.perf_counter() - t0) * 1000
+        return result
+
+    # -- model lifecycle --------------------------------------------------------
+
+    def start_model(self) -> None:
+        """(Re)load the model in the background; requests meanwhile answer empty."""
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        if self.service is not None:
+            self.service.close()
+        self.service = CompletionService(self.config.engine(), self.context_source)
+        self._load_task = asyncio.get_running_loop().create_task(self._load(self.service))
+
+    async def _load(self, service: CompletionService) -> None:
+        self.send_status("loading", "loading the model")
+        await service.start()
+        if service is not self.service:
+            return  # replaced by a newer load
+        self._report_load(service)
+
+    def _report_load(self, service: CompletionService) -> None:
+        if service.state == "ready":
+            self.send_status("ready", f"model ready ({service.load_ms or 0:.0f} ms)")
+        else:
+            message = f"exlsp: the model could not be loaded: {service.error}"
+            self.show_once(message)
+            self.send_status("error", service.error or "model failed to load")
+
+    async def wait_ready(self) -> None:
+        if self._load_task is not None:
+            await asyncio.shield(self._load_task)
+
+    # -- messages to the user -----------------------------------------------------
+
+    def show_once(self, message: str, kind: types.MessageType = types.MessageType.Error) -> None:
+        """One popup per distinct problem, not a stream of them."""
+        log.log(logging.ERROR if kind == types.MessageType.Error else logging.WARNING, message)
+        if message in self._shown:
+            return
+        self._shown.add(message)
+        self.window_show_message(types.ShowMessageParams(type=kind, message=message))
+
+    def send_status(self, state: str, message: str = "") -> None:
+        service = self.service
+        self.protocol.notify(
+            "exlsp/status",
+            {
+                "state": state,
+                "message": message,
+                "model": (
+                    service.backend.info.path
+                    if service and service.backend
+                    else self.config.model.path or "default"
+                ),
+                "backend": self.config.model.backend,
+                "lastLatencyMs": self.last_latency_ms,
+            },
+        )
+
+    def apply_logging(self) -> None:
+        root = logging.getLogger("exlsp")
+        root.setLevel(level_number(self.config.logging.level))
+        self.client_log.setLevel(max(logging.INFO, level_number(self.config.logging.level)))
+        if self.client_log not in root.handlers:
+            root.addHandler(self.client_log)
+
+
+def build_server() -> ExlspServer:
+    """A server with every feature registered; nothing heavy happens until `initialized`."""
+    from exlsp.server.features import completion, configuration, documents, inline, stats
+
+    server = ExlspServer()
+    for feature in (documents, configuration, inline, completion, stats):
+        feature.register(server)
+    return server

@@ -1,0 +1,117 @@
+"""`exlsp doctor` on this machine: the table, and its verdict per backend."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from exlsp.completion.config import ModelConfig
+from exlsp.server.doctor import run_doctor
+
+NO_GPU = not torch.cuda.is_available()
+
+
+def doctor(model: ModelConfig, **kw: bool) -> tuple[int, list[str]]:
+    out = io.StringIO()
+    rc = run_doctor(model, out, **kw)
+    return rc, out.getvalue().rstrip("\n").splitlines()
+
+
+def rows(lines: list[str]) -> dict[str, str]:
+    """Label -> value of the table (continuation lines left out)."""
+    table = {}
+    for line in lines:
+        if line.startswith("  ") and line[2] != " ":
+            label, _, value = line[2:].partition("  ")
+            table[label.strip()] = value.strip()
+    return table
+
+
+def exl2_dir(tmp_path: Path) -> Path:
+    """A minimal EXL2-looking model directory: config.json and one packed layer."""
+    from safetensors.torch import save_file
+
+    config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "max_position_embeddings": 32768,
+        "quantization_config": {"quant_method": "exl2", "bits": 4.0, "head_bits": 6},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file(
+        {
+            "model.embed_tokens.weight": torch.zeros(1000, 64, dtype=torch.float16),
+            "model.layers.0.mlp.down_proj.q_weight": torch.zeros(8, 64, dtype=torch.int32),
+            "model.layers.0.mlp.down_proj.q_invperm": torch.zeros(256, dtype=torch.int32),
+            "model.layers.0.mlp.down_proj.q_scale": torch.zeros(2, 64, dtype=torch.int32),
+        },
+        str(tmp_path / "output.safetensors"),
+    )
+    return tmp_path
+
+
+def test_transformers_backend_runs_here(tiny_model: Path) -> None:
+    rc, lines = doctor(ModelConfig(path=str(tiny_model), backend="transformers"))
+    table = rows(lines)
+    assert rc == 0, lines[-1]
+    assert lines[-1].startswith("ok: the transformers backend serves")
+    assert table["architecture"] == "Qwen2ForCausalLM (qwen2)"
+    assert table["FIM template"] == "qwen2.5-coder (detected)"
+    assert table["loads"].startswith("yes, in")
+    assert table["parameters"] == table["parameters (loaded)"]
+    for label in ("GPU" if NO_GPU else "GPU 0", "torch", "exllamav2", "flash-attn", "size on disk"):
+        assert label in table
+    if NO_GPU:
+        assert table["GPU"].startswith("none")
+        assert table["exllamav2 import"].startswith("not tried")
+        if table["exllamav2"] != "not installed":
+            assert table["exllamav2 import"] == "not tried: no GPU"
+
+
+def test_table_is_aligned(tiny_model: Path) -> None:
+    _, lines = doctor(ModelConfig(path=str(tiny_model)), load=False)
+    body = [line for line in lines if line.startswith("  ")]
+    starts = {
+        len(line) - len(line[2:].split("  ", 1)[1].lstrip()) for line in body if line[2] != " "
+    }
+    assert len(body) > 10
+    assert len(starts) == 1
+
+
+@pytest.mark.skipif(not NO_GPU, reason="checks the verdict on a machine without a GPU")
+def test_exllamav2_backend_without_a_gpu_is_not_ready(tiny_model: Path) -> None:
+    rc, lines = doctor(ModelConfig(path=str(tiny_model), backend="exllamav2"))
+    assert rc != 0
+    assert lines[-1].startswith("not ready: ")
+    assert "CUDA GPU" in lines[-1]
+    assert rows(lines)["loads"] == "not tried"
+
+
+def test_exl2_model_facts_come_from_config_and_headers(tmp_path: Path) -> None:
+    rc, lines = doctor(ModelConfig(path=str(exl2_dir(tmp_path)), backend="transformers"))
+    table = rows(lines)
+    assert table["weights"] == "EXL2 4.0 bpw (head 6 bit)"
+    assert table["parameters"] == f"{1000 * 64 + 256 * 64:,}"
+    assert table["context (model)"] == "32768 tokens"
+    assert rc == 1
+    assert "exllamav2 backend" in lines[-1]
+
+
+def test_missing_or_broken_model_dir(tmp_path: Path) -> None:
+    rc, lines = doctor(ModelConfig(path=str(tmp_path / "nowhere")))
+    assert rc == 1 and "model directory not found" in lines[-1]
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    rc, lines = doctor(ModelConfig(path=str(tmp_path), backend="transformers"))
+    assert rc == 1
+    assert lines[-1].startswith("not ready: the transformers backend cannot load")
+    assert rows(lines)["loads"].startswith("no: ")
+
+
+def test_unknown_backend_is_not_ready(tiny_model: Path) -> None:
+    rc, lines = doctor(ModelConfig(path=str(tiny_model), backend="nonesuch"))
+    assert rc == 1
+    assert "nonesuch" in lines[-1]

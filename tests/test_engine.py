@@ -1,0 +1,166 @@
+"""The engine with a scripted backend: type-ahead, attaching, latest wins, deadline, snippets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from exlsp.completion.config import CompletionConfig
+from exlsp.completion.engine import CompletionEngine, InvalidPosition
+from exlsp.completion.fim import TEMPLATES, FimTokens
+from exlsp.completion.types import CompletionRequest, DocumentView, Snippet
+from exlsp.completion.worker import BackendWorker
+from exlsp.server.documents import split_lines
+from tests.fakes import CharTokenizer, ScriptedBackend
+
+DOC = "def add(a, b):\n    \n\nprint(add(1, 2))\n"
+
+
+def req(text: str, line: int, character: int, uri: str = "file:///m.py") -> CompletionRequest:
+    return CompletionRequest(DocumentView(uri, split_lines(text), line, character, "python"))
+
+
+@pytest.fixture
+async def make_engine() -> AsyncIterator[Callable[..., tuple[CompletionEngine, ScriptedBackend]]]:
+    workers: list[BackendWorker] = []
+
+    async def make(script, step_s: float = 0.0, context=None, **cfg):  # type: ignore[no-untyped-def]
+        tok = CharTokenizer()
+        backend = ScriptedBackend(tok, script, step_s)
+        worker = BackendWorker("test")
+        workers.append(worker)
+        await worker.load(lambda: backend)
+        fim = FimTokens.resolve(TEMPLATES["qwen2.5-coder"], tok)
+        engine = CompletionEngine(worker, tok, fim, CompletionConfig(**cfg), context)
+        return engine, backend
+
+    yield make  # type: ignore[misc]
+    for w in workers:
+        w.close()
+
+
+async def test_completes_and_reports_stats(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine, backend = await make_engine(lambda prompt: "return a + b\n\ndef other():\n")
+    result = await engine.complete(req(DOC, 1, 4))
+    assert [s.text for s in result.suggestions] == ["return a + b"]
+    st = result.stats
+    assert st.source == "model"
+    assert st.prompt_tokens == len(backend.jobs[0].prompt)
+    assert st.prefilled_tokens == st.prompt_tokens
+    assert st.generated_tokens >= len("return a + b")
+
+
+async def test_filters_stop_generation_early(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine, backend = await make_engine(lambda p: "return a + b\nprint('x')\n" + "z" * 200, 0.002)
+    result = await engine.complete(req(DOC, 1, 4))
+    assert result.suggestions[0].text == "return a + b"
+    # The scope filter cut at the dedented line: the job stopped long before 200 more tokens.
+    assert backend.jobs[0].stats.generated_tokens < 60
+
+
+async def test_type_ahead_answers_without_a_model_call(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine, backend = await make_engine(lambda p: "return a + b\n")
+    await engine.complete(req(DOC, 1, 4))
+    typed = DOC.replace("    \n", "    ret\n", 1)
+    result = await engine.complete(req(typed, 1, 7))
+    assert result.stats.source == "type-ahead"
+    assert result.suggestions[0].text == "urn a + b"
+    assert len(backend.jobs) == 1
+    # Backspace to where it was: the cached suggestion again.
+    again = await engine.complete(req(DOC, 1, 4))
+    assert again.suggestions[0].text == "return a + b"
+    assert len(backend.jobs) == 1
+
+
+async def test_typing_away_from_the_suggestion_asks_the_model(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine, backend = await make_engine(lambda p: "return a + b\n")
+    await engine.complete(req(DOC, 1, 4))
+    await engine.complete(req(DOC.replace("    \n", "    x\n", 1), 1, 5))
+    assert len(backend.jobs) == 2
+    # The second prompt differs only after the middle marker: most of it was reused.
+    st = backend.jobs[1].stats
+    assert st.prefilled_tokens <= 3
+    assert st.reused_tokens == st.prompt_tokens - st.prefilled_tokens
+
+
+async def test_a_consistent_request_attaches_to_the_running_generation(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine, backend = await make_engine(lambda p: "return a + b\n", step_s=0.02)
+    first = asyncio.create_task(engine.complete(req(DOC, 1, 4)))
+    await asyncio.sleep(0.07)  # a few tokens are out: "ret..."
+    typed = DOC.replace("    \n", "    r\n", 1)
+    second = await engine.complete(req(typed, 1, 5))
+    assert second.stats.source == "attached"
+    assert second.suggestions[0].text == "eturn a + b"
+    assert (await first).suggestions[0].text == "return a + b"
+    assert len(backend.jobs) == 1
+
+
+async def test_latest_request_wins(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine, backend = await make_engine(lambda p: "x" * 40 + "\n", step_s=0.01)
+    first = asyncio.create_task(engine.complete(req(DOC, 1, 4)))
+    await asyncio.sleep(0.05)
+    other = "def sub(a, b):\n    \n"
+    second = await engine.complete(req(other, 1, 4, uri="file:///other.py"))
+    r1 = await first
+    assert backend.jobs[0].stats.stop_reason == "cancelled"
+    assert backend.jobs[0].stats.generated_tokens < 20
+    assert second.suggestions
+    assert r1.stats.stop_reason == "cancelled"
+
+
+async def test_cancelled_request_cancels_its_generation_after_the_grace(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine, backend = await make_engine(lambda p: "y" * 200 + "\n", step_s=0.01, attachGraceMs=20)
+    task = asyncio.create_task(engine.complete(req(DOC, 1, 4)))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.1)
+    job = backend.jobs[0]
+    assert job.stats.stop_reason == "cancelled"
+    assert job.stats.generated_tokens < 30
+
+
+async def test_deadline_returns_what_is_ready(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine, backend = await make_engine(
+        lambda p: "value = 1 + 2 + 3 + 4 + 5 + 6\n", step_s=0.02, deadlineMs=150
+    )
+    result = await engine.complete(req(DOC, 1, 4))
+    assert backend.jobs[0].stats.stop_reason == "deadline"
+    text = result.suggestions[0].text
+    assert 0 < len(text) < len("value = 1 + 2 + 3 + 4 + 5 + 6")
+    assert "value = 1 + 2 + 3 + 4 + 5 + 6".startswith(text)
+
+
+async def test_invalid_positions_are_rejected(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine, _ = await make_engine(lambda p: "x")
+    with pytest.raises(InvalidPosition):
+        await engine.complete(req(DOC, 99, 0))
+    with pytest.raises(InvalidPosition):
+        await engine.complete(req(DOC, 0, 500))
+
+
+class CountingContext:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def snippets(self, document: DocumentView, budget_chars: int) -> list[Snippet]:
+        self.calls += 1
+        return [Snippet("util.py", f"def helper_{self.calls}():\n    pass\n")]
+
+
+async def test_snippets_are_sticky_while_typing(make_engine) -> None:  # type: ignore[no-untyped-def]
+    ctx = CountingContext()
+    engine, backend = await make_engine(lambda p: "pass\n", context=ctx, snippetRefreshLines=10)
+    text = "".join(f"x{i} = {i}\n" for i in range(100))
+    lines = split_lines(text)
+    for n in range(8):
+        lines[50] = "y" * n + "\n"
+        await engine.complete(CompletionRequest(DocumentView("u", list(lines), 50, n, "python")))
+    assert ctx.calls == 1
+    await engine.complete(CompletionRequest(DocumentView("u", list(lines), 80, 0, "python")))
+    assert ctx.calls == 2
+    # The snippet is in the prompt the backend saw.
+    assert "helper_2" in backend.tokenizer.decode(backend.jobs[-1].prompt)
