@@ -218,6 +218,7 @@ class CompletionEngine:
         self._running: _Generation | None = None
         self.last_stats: CompletionStats | None = None
         self.last_prompt: BuiltPrompt | None = None
+        self.last_request: DocumentView | None = None
 
     def reconfigure(self, config: CompletionConfig) -> None:
         self.config = config
@@ -241,6 +242,7 @@ class CompletionEngine:
         if not doc.lines:
             doc = DocumentView(doc.uri, [""], 0, 0, doc.language, doc.path, doc.version)
 
+        self.last_request = doc
         ctx = filter_context(doc, self.config.multiline)
         snippets = await self.snippets.get(doc)
         prompt = self.builder.build(doc, snippets)

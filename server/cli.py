@@ -167,18 +167,25 @@ def main(argv: list[str] | None = None) -> int:
         prog="exlsp", description="AI code completions for any LSP editor from a local model."
     )
     parser.add_argument("--version", action="version", version=f"exlsp {_version()}")
+    levels = ["debug", "info", "warning", "error", "critical"]
     parser.add_argument("--log-file", help="write the log to this file (default: stderr)")
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    parser.add_argument("--log-level", default="info", choices=levels)
+    # The same options after the subcommand (`exlsp serve --log-level debug`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-file", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument(
+        "--log-level", default=argparse.SUPPRESS, choices=levels, help=argparse.SUPPRESS
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="run the language server (stdio by default)")
+    p = sub.add_parser("serve", parents=[common], help="run the language server (stdio by default)")
     p.add_argument("--tcp", metavar="[HOST:]PORT", help="listen on TCP (host 127.0.0.1)")
     p.add_argument("--stdio", action="store_true", help="use stdio (the default)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("complete", help="print one completion for FILE:LINE:COL (1-based)")
+    p = sub.add_parser(
+        "complete", parents=[common], help="print one completion for FILE:LINE:COL (1-based)"
+    )
     p.add_argument("location", metavar="FILE:LINE:COL")
     p.add_argument("--model", help="model directory (default: the built-in model)")
     p.add_argument("--backend", help="transformers, exllamav2, openai or instant")
@@ -186,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON with the stats")
     p.set_defaults(func=cmd_complete)
 
-    p = sub.add_parser("doctor", help="check the GPU, the libraries and the model")
+    p = sub.add_parser(
+        "doctor", parents=[common], help="check the GPU, the libraries and the model"
+    )
     p.add_argument("--model", help="model directory")
     p.add_argument("--backend", help="backend to check")
     p.add_argument("--config", help="a JSON file with the configuration tree")

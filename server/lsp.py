@@ -175,6 +175,8 @@ class ExlspServer(LanguageServer):
         t0 = time.perf_counter()
         result = await service.complete(CompletionRequest(view, trigger), on_partial)
         self.last_latency_ms = (time.perf_counter() - t0) * 1000
+        if result.suggestions:
+            self.send_status("ready", "")  # carries the latency to status bars
         return result
 
     # -- model lifecycle --------------------------------------------------------

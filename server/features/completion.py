@@ -16,6 +16,16 @@ from exlsp.server.lsp import ExlspServer
 _WORD_TAIL = re.compile(r"[\w$]+$")
 
 
+def _documentation(ls: ExlspServer, language: str, code: str) -> types.MarkupContent:
+    """The whole suggestion, as Markdown where the client renders it."""
+    caps = ls.client_capabilities.text_document
+    item = caps.completion.completion_item if caps and caps.completion else None
+    formats = (item.documentation_format if item else None) or []
+    if types.MarkupKind.Markdown in formats:
+        return types.MarkupContent(types.MarkupKind.Markdown, f"```{language}\n{code}\n```")
+    return types.MarkupContent(types.MarkupKind.PlainText, code)
+
+
 def register(server: ExlspServer) -> None:
     @server.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions())
     async def completion(ls: ExlspServer, params: types.CompletionParams) -> types.CompletionList:
@@ -44,10 +54,7 @@ def register(server: ExlspServer) -> None:
                     label=(word + first)[:80] or first[:80],
                     kind=types.CompletionItemKind.Snippet,
                     detail="exlsp",
-                    documentation=types.MarkupContent(
-                        kind=types.MarkupKind.Markdown,
-                        value=f"```{view.language}\n{left}{s.text}\n```",
-                    ),
+                    documentation=_documentation(ls, view.language, left + s.text),
                     filter_text=word + s.text,
                     sort_text="0",
                     preselect=True,

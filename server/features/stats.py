@@ -17,6 +17,8 @@ def stats_payload(ls: ExlspServer) -> dict[str, Any]:
     service = ls.service
     engine = service.engine if service else None
     last = engine.last_stats if engine else None
+    req = engine.last_request if engine else None
+    prompt = engine.last_prompt if engine else None
     backend = service.backend if service else None
     return {
         "state": service.state if service else "idle",
@@ -24,8 +26,16 @@ def stats_payload(ls: ExlspServer) -> dict[str, Any]:
         "model": dataclasses.asdict(backend.info) if backend else None,
         "fimTemplate": engine.fim.template.family if engine else None,
         "last": {_camel(k): v for k, v in dataclasses.asdict(last).items()} if last else None,
-        "lastPromptSegments": engine.last_prompt.segment_tokens
-        if engine and engine.last_prompt
+        "lastRequest": {"line": req.line, "character": req.character} if req else None,
+        "lastPromptSegments": prompt.segment_tokens if prompt else None,
+        # What the model was shown, for inspection (bounded by the prompt budgets).
+        "lastPromptText": {
+            "prefix": prompt.prefix,
+            "suffix": prompt.suffix,
+            "middle": prompt.middle,
+            "full": engine.tokenizer.decode(prompt.ids),
+        }
+        if engine and prompt
         else None,
     }
 
