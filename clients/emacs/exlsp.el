@@ -1,0 +1,248 @@
+;;; exlsp.el --- exlsp (local AI code completion) for lsp-mode  -*- lexical-binding: t; -*-
+
+;; Version: 0.1.0
+;; Package-Requires: ((emacs "27.1") (lsp-mode "9.0"))
+;; Keywords: languages, tools, convenience
+;; SPDX-License-Identifier: Apache-2.0
+
+;;; Commentary:
+
+;; Registers the exlsp language server with lsp-mode as an add-on client, so
+;; it runs beside each buffer's usual server, and turns on
+;; `lsp-inline-completion-mode' (lsp-mode 10) in the buffers it serves: the
+;; suggestion is drawn as an overlay after point, C-<return> accepts it,
+;; C-n / C-p cycle, C-g cancels.  With lsp-mode 9, which has the
+;; overlay but not the minor mode, an idle timer asks for suggestions instead.
+;; Without either, exlsp still offers completion items (company / corfu).
+;;
+;;   (add-to-list 'load-path "/path/to/exlsp/clients/emacs")
+;;   (require 'exlsp)
+;;   (setq exlsp-python "~/.venvs/exlsp/bin/python")  ; or exlsp-server-command
+;;   (setq exlsp-model-path "/models/Qwen2.5-Coder-1.5B-exl2"
+;;         exlsp-model-backend "exllamav2")
+;;   (add-hook 'python-mode-hook #'lsp-deferred)
+;;
+;; The settings below mirror the server's configuration tree: they are sent
+;; as initializationOptions, answered for workspace/configuration (section
+;; "exlsp") and pushed again with workspace/didChangeConfiguration by
+;; `lsp--set-configuration' when changed through Customize.
+
+;;; Code:
+
+(require 'lsp-mode)
+(require 'cl-lib)
+(require 'subr-x)
+
+(defgroup exlsp nil
+  "exlsp: code completion from a local code model."
+  :group 'lsp-mode
+  :prefix "exlsp-")
+
+(defcustom exlsp-server-command nil
+  "Full command that starts the server, e.g. (\"ssh\" \"gpu-box\" \"exlsp\" \"serve\").
+Nil: `exlsp-python' -m exlsp.server serve when that is set, else exlsp serve."
+  :type '(choice (const :tag "Default" nil) (repeat string)))
+
+(defcustom exlsp-python nil
+  "Python interpreter that has exlsp installed.
+The server is started as PYTHON -m exlsp.server serve."
+  :type '(choice (const :tag "exlsp on PATH" nil) file))
+
+(defcustom exlsp-server-args nil
+  "Server options placed before `serve', e.g. (\"--log-level\" \"debug\")."
+  :type '(repeat string))
+
+(defcustom exlsp-major-modes '(prog-mode)
+  "Major modes (and modes derived from them) exlsp runs in."
+  :type '(repeat symbol))
+
+(defcustom exlsp-inline-completion t
+  "Show suggestions as ghost text (inline completion) in exlsp buffers."
+  :type 'boolean)
+
+(defcustom exlsp-idle-delay 0.3
+  "Idle seconds after a change before asking for a suggestion."
+  :type 'number)
+
+(defconst exlsp--settings
+  ;; (setting-name default type docstring) for each leaf of the tree.
+  '(("exlsp.model.path" "" string "Hugging Face / EXL2 model directory; empty: the built-in default.")
+    ("exlsp.model.backend" "transformers" string "transformers, exllamav2, openai or instant.")
+    ("exlsp.model.device" "auto" string "auto, cpu, cuda, cuda:1, ...")
+    ("exlsp.model.dtype" "auto" string "auto, float32, float16 or bfloat16.")
+    ("exlsp.model.fimTemplate" "auto" string "FIM template family; auto detects it.")
+    ("exlsp.model.contextLength" 0 integer "Tokens kept in the KV cache; 0: the model's limit.")
+    ("exlsp.model.cacheType" "q8" string "exllamav2 KV cache: fp16, q8, q6 or q4.")
+    ("exlsp.model.maxSeqLen" 8192 integer "exllamav2 cache length (multiple of 256).")
+    ("exlsp.model.ngramDraft" nil boolean "exllamav2 n-gram speculative decoding.")
+    ("exlsp.model.threads" 0 integer "CPU threads of the transformers backend; 0: torch's default.")
+    ("exlsp.completion.enabled" t boolean "Show completions.")
+    ("exlsp.completion.prefixTokens" 1024 integer "Token budget above the cursor line.")
+    ("exlsp.completion.suffixTokens" 256 integer "Token budget after the cursor.")
+    ("exlsp.completion.middleTokens" 256 integer "Token budget left of the cursor on its line.")
+    ("exlsp.completion.snippetTokens" 1024 integer "Token budget for context snippets.")
+    ("exlsp.completion.maxTokens" 128 integer "Most tokens of a multi-line suggestion.")
+    ("exlsp.completion.maxTokensSingleLine" 48 integer "Most tokens of a single-line suggestion.")
+    ("exlsp.completion.deadlineMs" 2000 integer "Wall-clock limit per suggestion (ms).")
+    ("exlsp.completion.multiline" "auto" string "auto, always or never.")
+    ("exlsp.completion.attachGraceMs" 40 integer "Grace for attaching to a cancelled generation (ms).")
+    ("exlsp.completion.snippetRefreshLines" 40 integer "Refresh snippets after moving this many lines.")
+    ("exlsp.completion.snippetRefreshIdleMs" 1500 integer "Refresh snippets after this idle time (ms).")
+    ("exlsp.completion.kvReuse" t boolean "Reuse the KV cache across requests.")
+    ("exlsp.completion.streamPartial" t boolean "Send exlsp/partialCompletion while streaming.")
+    ("exlsp.completion.typeAheadEntries" 64 integer "Type-ahead results kept per document.")
+    ("exlsp.logging.level" "info" string "debug, info, warning, error or critical.")
+    ("exlsp.logging.file" "" string "Also log to this file."))
+  "The server's settings, their defaults and types.")
+
+(defun exlsp--variable (name)
+  "The Lisp variable of setting NAME.
+exlsp.model.maxSeqLen -> `exlsp-model-max-seq-len'."
+  (let ((case-fold-search nil))
+    (intern (downcase (replace-regexp-in-string
+                       "\\([a-z0-9]\\)\\([A-Z]\\)" "\\1-\\2"
+                       (replace-regexp-in-string "\\." "-" name))))))
+
+;; One defcustom per setting, registered with lsp-mode under its wire name.
+(dolist (spec exlsp--settings)
+  (cl-destructuring-bind (name default type doc) spec
+    (let ((var (exlsp--variable name)))
+      (eval `(defcustom ,var ',default ,doc
+               :type ',type
+               :group 'exlsp
+               :initialize #'custom-initialize-default
+               :set (lambda (sym value)
+                      (set-default sym value)
+                      (when (fboundp 'exlsp--push-configuration)
+                        (exlsp--push-configuration))))
+            t)
+      (lsp-register-custom-settings
+       (list (list name var (if (eq type 'boolean) t nil)))))))
+
+(defun exlsp--tree ()
+  "The configuration tree as a nested hash table (camelCase keys)."
+  (let ((tree (make-hash-table :test 'equal)))
+    (dolist (spec exlsp--settings)
+      (let* ((name (car spec))
+             (type (nth 2 spec))
+             (parts (cdr (split-string name "\\.")))
+             (section (or (gethash (car parts) tree)
+                          (puthash (car parts) (make-hash-table :test 'equal) tree)))
+             (value (symbol-value (exlsp--variable name))))
+        (puthash (cadr parts)
+                 (if (eq type 'boolean) (if value t :json-false) value)
+                 section)))
+    tree))
+
+(defun exlsp--push-configuration ()
+  "Send the settings to running exlsp servers."
+  (dolist (workspace (lsp--session-workspaces (lsp-session)))
+    (when (eq (lsp--client-server-id (lsp--workspace-client workspace)) 'exlsp)
+      (with-lsp-workspace workspace
+        (lsp-notify "workspace/didChangeConfiguration"
+                    (list :settings (let ((h (make-hash-table :test 'equal)))
+                                      (puthash "exlsp" (exlsp--tree) h)
+                                      h)))))))
+
+(defun exlsp--command ()
+  "The command line that starts the server."
+  (or exlsp-server-command
+      (append (if exlsp-python
+                  (list (expand-file-name exlsp-python) "-m" "exlsp.server")
+                (list "exlsp"))
+              exlsp-server-args
+              (list "serve"))))
+
+(defvar exlsp--status nil "Last exlsp/status payload (a hash table).")
+
+(defun exlsp--on-status (_workspace params)
+  "Handle exlsp/status PARAMS."
+  (setq exlsp--status params)
+  (force-mode-line-update t))
+
+(defun exlsp-status-string ()
+  "A short status for the mode line: exlsp 42ms, exlsp loading, ..."
+  (if (null exlsp--status)
+      ""
+    (let ((state (gethash "state" exlsp--status))
+          (ms (gethash "lastLatencyMs" exlsp--status)))
+      (cond ((and (equal state "ready") (numberp ms)) (format "exlsp %dms" (round ms)))
+            ((equal state "ready") "exlsp")
+            (t (format "exlsp %s" state))))))
+
+(defun exlsp-status ()
+  "Show the exlsp server status."
+  (interactive)
+  (if (null exlsp--status)
+      (message "exlsp: no status yet")
+    (message "exlsp: %s %s — model %s, backend %s"
+             (gethash "state" exlsp--status)
+             (or (gethash "message" exlsp--status) "")
+             (gethash "model" exlsp--status)
+             (gethash "backend" exlsp--status))))
+
+(defun exlsp--activate-p (&rest _)
+  "Whether exlsp should run in this buffer."
+  (and buffer-file-name (apply #'derived-mode-p exlsp-major-modes)))
+
+(lsp-register-client
+ (make-lsp-client
+  :new-connection (lsp-stdio-connection #'exlsp--command)
+  :activation-fn #'exlsp--activate-p
+  :add-on? t
+  :priority -2
+  :server-id 'exlsp
+  :initialization-options #'exlsp--tree
+  :initialized-fn (lambda (workspace)
+                    (with-lsp-workspace workspace
+                      (lsp--set-configuration (lsp-configuration-section "exlsp"))))
+  :notification-handlers
+  (ht ("exlsp/status" #'exlsp--on-status)
+      ;; The overlay shows the final text; streamed text is for clients that draw it.
+      ("exlsp/partialCompletion" #'ignore))))
+
+;;; Inline completion
+
+(declare-function lsp-inline-completion-display "lsp-inline-completion" (&optional implicit))
+(declare-function lsp-inline-completion--overlay-visible "lsp-inline-completion" ())
+(declare-function lsp-inline-completion-mode "lsp-inline-completion" (&optional arg))
+(defvar lsp-inline-completion-idle-delay)
+
+(defvar-local exlsp--idle-timer nil)
+
+(defun exlsp--serves-buffer-p ()
+  "Whether an exlsp workspace serves the current buffer."
+  (cl-some (lambda (workspace)
+             (eq (lsp--client-server-id (lsp--workspace-client workspace)) 'exlsp))
+           (lsp-workspaces)))
+
+(defun exlsp--idle-request (buffer)
+  "lsp-mode 9: ask for a suggestion in BUFFER if it is still current."
+  (when (and (eq buffer (current-buffer))
+             (not (lsp-inline-completion--overlay-visible)))
+    (lsp-inline-completion-display t)))
+
+(defun exlsp--after-change (&rest _)
+  (when exlsp--idle-timer
+    (cancel-timer exlsp--idle-timer))
+  (setq exlsp--idle-timer
+        (run-with-idle-timer exlsp-idle-delay nil #'exlsp--idle-request (current-buffer))))
+
+(defun exlsp--enable-inline-completion ()
+  "Turn on ghost text in a buffer exlsp serves."
+  (when (and exlsp-inline-completion (exlsp--serves-buffer-p))
+    (require 'lsp-inline-completion nil t)
+    (cond
+     ((fboundp 'lsp-inline-completion-mode)
+      ;; lsp-mode waits 2 s by default; suggestions from a local model are meant
+      ;; to follow typing closely.
+      (setq-local lsp-inline-completion-idle-delay exlsp-idle-delay)
+      (lsp-inline-completion-mode 1))
+     ((fboundp 'lsp-inline-completion-display)
+      (add-hook 'after-change-functions #'exlsp--after-change nil t))
+     (t (message "exlsp: this lsp-mode has no inline completion; completion items only")))))
+
+(add-hook 'lsp-after-open-hook #'exlsp--enable-inline-completion)
+
+(provide 'exlsp)
+;;; exlsp.el ends here

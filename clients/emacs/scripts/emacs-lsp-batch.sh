@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# exlsp.el with lsp-mode 10 in `emacs --batch` against the real server.
+#
+# usage: emacs-lsp-batch.sh [PYTHON] [MODEL_DIR]
+#
+# Uses the host's `emacs` (27.1+; Debian: apt-get install emacs-nox) and
+# lsp-mode 10 with its dependencies from Debian sid (elpa-lsp-mode, lisp
+# sources only: clients/scripts/debian-sid.sh), unless EXLSP_LOAD_PATH
+# already names lisp folders holding lsp-mode. Checks that the exlsp client
+# starts, reports ready, enables lsp-inline-completion-mode, shows a
+# suggestion as an overlay, and that accepting it inserts the text and the
+# saved file holds it.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../../.." && pwd)
+python=${1:-python3}
+model=${2:-}
+
+if [ -z "${EXLSP_LOAD_PATH:-}" ]; then
+  # shellcheck source=../../scripts/debian-sid.sh
+  source "$repo/clients/scripts/debian-sid.sh"
+  sid_fetch elpa-lsp-mode >/dev/null
+  EXLSP_LOAD_PATH=$(find "$SID_ROOT/usr/share/emacs/site-lisp/elpa-src" -mindepth 1 -maxdepth 1 -type d | paste -sd:)
+fi
+if [ -z "$model" ]; then
+  model=$("$python" -c 'from exlsp.benchmarks.build_model import DEFAULT_MODEL, ensure_model; print(ensure_model(**DEFAULT_MODEL))')
+fi
+
+work=$(mktemp -d)
+if [ -n "${EXLSP_KEEP:-}" ]; then echo "work folder: $work"; else trap 'rm -rf "$work"' EXIT; fi
+export EXLSP_LOAD_PATH EXLSP_EL_DIR=$repo/clients/emacs EXLSP_PYTHON=$python EXLSP_MODEL=$model EXLSP_WORK=$work
+HOME=$work timeout 600 emacs --batch -Q -l "$here/emacs_lsp_batch.el"

@@ -1,0 +1,131 @@
+;;; emacs_lsp_batch.el --- exlsp.el with lsp-mode in `emacs --batch'  -*- lexical-binding: t; -*-
+
+;; Loaded by emacs-lsp-batch.sh with these variables set in the environment:
+;; EXLSP_LOAD_PATH (colon-separated lisp folders), EXLSP_EL_DIR, EXLSP_PYTHON,
+;; EXLSP_MODEL, EXLSP_WORK.  Prints "ok"/"FAIL" lines and exits non-zero on a
+;; failure.
+
+;;; Code:
+
+(dolist (dir (split-string (or (getenv "EXLSP_LOAD_PATH") "") ":" t))
+  (add-to-list 'load-path dir)
+  ;; What package.el would do for installed packages.
+  (dolist (autoloads (directory-files dir t "-autoloads\\.el\\'"))
+    (load autoloads nil t)))
+(add-to-list 'load-path (getenv "EXLSP_EL_DIR"))
+
+(defvar exlsp-test-failures 0)
+(defvar exlsp-test-work (file-name-as-directory (getenv "EXLSP_WORK")))
+
+(defun exlsp-test-check (name ok &optional detail)
+  (princ (format "%s %s%s\n" (if ok "ok  " "FAIL") name
+                 (if (and detail (not ok)) (format " -- %S" detail) "")))
+  (unless ok (setq exlsp-test-failures (1+ exlsp-test-failures)))
+  ok)
+
+(defun exlsp-test-wait (pred seconds)
+  "Process events until PRED returns non-nil or SECONDS pass; PRED's value."
+  (let ((deadline (+ (float-time) seconds)) value)
+    (while (and (not (setq value (funcall pred))) (< (float-time) deadline))
+      (accept-process-output nil 0.1))
+    value))
+
+(defun exlsp-test-finish ()
+  (princ (if (zerop exlsp-test-failures) "PASS\n" "FAILED\n"))
+  (kill-emacs (if (zerop exlsp-test-failures) 0 1)))
+
+(setq lsp-session-file (expand-file-name "lsp-session" exlsp-test-work)
+      lsp-auto-guess-root t
+      lsp-enabled-clients '(exlsp)
+      lsp-log-io t
+      lsp-restart 'ignore
+      lsp-warn-no-matched-clients nil
+      python-indent-guess-indent-offset nil)
+
+(require 'lsp-mode)
+(require 'exlsp)
+(princ (format "Emacs %s, %s\n" emacs-version
+               (file-name-nondirectory
+                (directory-file-name (file-name-directory (locate-library "lsp-mode"))))))
+
+(setq exlsp-python (getenv "EXLSP_PYTHON")
+      exlsp-server-args (list "--log-file" (expand-file-name "server.log" exlsp-test-work)
+                              "--log-level" "debug")
+      exlsp-model-path (getenv "EXLSP_MODEL"))
+
+(exlsp-test-check "settings tree: camelCase, false as :json-false"
+                  (let ((json (json-encode (exlsp--tree))))
+                    (and (string-match-p "\"maxSeqLen\":8192" json)
+                         (string-match-p "\"ngramDraft\":false" json)
+                         (string-match-p "\"kvReuse\":true" json)))
+                  (json-encode (exlsp--tree)))
+
+(make-directory (expand-file-name ".git" exlsp-test-work) t)
+(let ((file (expand-file-name "shapes.py" exlsp-test-work)))
+  (with-temp-file file
+    (insert "import math\n\n\ndef area(radius):\n    return math.pi * radius * radius\n\n\n"))
+  (find-file file))
+(python-mode)
+(lsp)
+
+(unless (exlsp-test-check
+         "exlsp workspace started"
+         (exlsp-test-wait (lambda ()
+                            (cl-some (lambda (w) (eq (lsp--workspace-status w) 'initialized))
+                                     (lsp-workspaces)))
+                          60))
+  (exlsp-test-finish))
+(exlsp-test-check "exlsp/status ready"
+                  (exlsp-test-wait (lambda () (and exlsp--status
+                                                   (equal (gethash "state" exlsp--status) "ready")))
+                                   180)
+                  exlsp--status)
+(exlsp-test-check "lsp-inline-completion-mode on in the buffer"
+                  (bound-and-true-p lsp-inline-completion-mode))
+(exlsp-test-check "server offers inline completion"
+                  (lsp-feature? "textDocument/inlineCompletion"))
+
+;; Type a function header and ask for a suggestion the way the idle timer does.
+(goto-char (point-max))
+(let ((attempts '("def diameter(radius):" "\n    return " "2")) shown)
+  (while (and attempts (not shown))
+    (insert (pop attempts))
+    (exlsp-test-wait (lambda () nil) 0.3)   ; let lsp-mode send didChange
+    (lsp-inline-completion-display 'implicit)
+    (setq shown (and (overlayp lsp-inline-completion--overlay)
+                     (overlay-get lsp-inline-completion--overlay 'after-string))))
+  (when (exlsp-test-check "ghost text overlay shown" shown)
+    (let* ((before (buffer-string))
+           ;; Where the request was made: at the end of a line lsp-mode parks
+           ;; point one character back while the overlay shows.
+           (start lsp-inline-completion--start-point)
+           (item (elt lsp-inline-completion--items lsp-inline-completion--current))
+           (text (lsp:inline-completion-item-insert-text item)))
+      (princ (format "suggestion at %d: %S\n" start text))
+      (exlsp-test-check "overlay shows the suggestion"
+                        (string-suffix-p (substring-no-properties text)
+                                         (substring-no-properties shown))
+                        shown)
+      (lsp-inline-completion-accept)
+      (let ((expected (concat (substring before 0 (1- start)) text
+                              (substring before (1- start)))))
+        (exlsp-test-check "accept inserts it at point"
+                          (string= (buffer-substring-no-properties (point-min) (point-max))
+                                   expected)
+                          (list :got (buffer-substring-no-properties (point-min) (point-max))
+                                :expected expected))
+        (save-buffer)
+        ;; Saving may add the final newline python-mode requires.
+        (exlsp-test-check "saved file holds it"
+                          (string= (string-trim-right expected "\n")
+                                   (let ((file buffer-file-name))
+                                     (with-temp-buffer
+                                       (insert-file-contents file)
+                                       (string-trim-right (buffer-string) "\n")))))))))
+
+(exlsp-test-check "exlsp/stats answers"
+                  (let ((stats (lsp-request "exlsp/stats" (make-hash-table))))
+                    (princ (format "stats: %s\n" (json-encode stats)))
+                    stats))
+(exlsp-test-finish)
+;;; emacs_lsp_batch.el ends here

@@ -1,0 +1,141 @@
+-- Neovim 0.12+: the built-in `vim.lsp.inline_completion` requests and draws
+-- the suggestions; this module enables it and maps the same keys as the
+-- plugin renderer. Partial accepts and dismiss go through `get{on_accept}`.
+local api = vim.api
+local text_util = require('exlsp.text')
+
+local M = {}
+
+local enabled = true
+---@type table<integer, true>
+local attached = {}
+
+local function ic()
+  return vim.lsp.inline_completion
+end
+
+--- 0-based row and byte column where a `vim.Range` starts (0.12 has
+--- `start_row`/`start_col`; later versions a `start` position).
+---@return integer?, integer?
+function M.range_start(range)
+  if range.start_row ~= nil then
+    return range.start_row, range.start_col
+  end
+  local start = range.start
+  if type(start) == 'table' then
+    return start.row or start[1], start.col or start[2]
+  end
+end
+
+--- The part of the item not yet in the buffer: its text minus what was typed
+--- between the start of its range and the cursor.
+---@param item vim.lsp.inline_completion.Item
+---@return string?
+function M.remaining_text(item)
+  local insert = item.insert_text
+  local text = type(insert) == 'string' and insert or text_util.snippet_text(insert.value or '')
+  local range = item.range
+  if not range then
+    return text
+  end
+  local row, col = unpack(api.nvim_win_get_cursor(0))
+  row = row - 1
+  local start_row, start_col = M.range_start(range)
+  if start_row ~= row or not start_col or start_col > col then
+    return nil
+  end
+  local line = api.nvim_buf_get_lines(0, row, row + 1, false)[1] or ''
+  local typed = line:sub(start_col + 1, col)
+  if text:sub(1, #typed) ~= typed then
+    return nil
+  end
+  return text:sub(#typed + 1)
+end
+
+---@param pick fun(text: string): string
+local function accept_part(pick)
+  return ic().get({
+    -- Returning nil tells Neovim not to apply the item: this inserts part of it.
+    on_accept = function(item)
+      local rest = M.remaining_text(item)
+      if rest and rest ~= '' then
+        text_util.insert_at_cursor(pick(rest))
+      end
+      return nil
+    end,
+  })
+end
+
+local function key_or_fallback(lhs, fn)
+  return function()
+    if not fn() then
+      api.nvim_feedkeys(api.nvim_replace_termcodes(lhs, true, false, true), 'n', false)
+    end
+  end
+end
+
+local function set_keymaps(bufnr)
+  local keys = require('exlsp').options.keymaps
+  if not keys then
+    return
+  end
+  local actions = {
+    accept = { function() return ic().get() end, 'exlsp: accept suggestion' },
+    accept_word = { function() return accept_part(text_util.next_word) end, 'exlsp: accept next word' },
+    accept_line = { function() return accept_part(text_util.next_line) end, 'exlsp: accept next line' },
+    next = {
+      function()
+        ic().select({ count = 1 })
+        return true
+      end,
+      'exlsp: next suggestion',
+    },
+    prev = {
+      function()
+        ic().select({ count = -1 })
+        return true
+      end,
+      'exlsp: previous suggestion',
+    },
+    -- Accepting with a handler that inserts nothing hides the suggestion and
+    -- cancels the pending request.
+    dismiss = { function() return ic().get({ on_accept = function() end }) end, 'exlsp: dismiss suggestion' },
+  }
+  for name, action in pairs(actions) do
+    local lhs = keys[name]
+    if lhs then
+      vim.keymap.set('i', lhs, key_or_fallback(lhs, action[1]), { buffer = bufnr, desc = action[2] })
+    end
+  end
+end
+
+---@param _client vim.lsp.Client
+---@param bufnr integer
+function M.attach(_client, bufnr)
+  if not attached[bufnr] then
+    attached[bufnr] = true
+    set_keymaps(bufnr)
+    api.nvim_create_autocmd({ 'BufWipeout' }, {
+      buffer = bufnr,
+      once = true,
+      callback = function()
+        attached[bufnr] = nil
+      end,
+    })
+  end
+  if enabled then
+    ic().enable(true, { bufnr = bufnr })
+  end
+end
+
+---@param value boolean
+function M.set_enabled(value)
+  enabled = value
+  for bufnr in pairs(attached) do
+    if api.nvim_buf_is_valid(bufnr) then
+      ic().enable(value, { bufnr = bufnr })
+    end
+  end
+end
+
+return M

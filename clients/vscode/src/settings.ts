@@ -1,0 +1,204 @@
+// Pure mapping between the extension's settings and what the server receives.
+// This module must not import `vscode`, so node's test runner can load it.
+
+/** The server's configuration tree as sent on the wire (camelCase, nested). */
+export type WireConfig = { [section: string]: { [key: string]: unknown } };
+
+/** Reads one setting below `exlsp.` (e.g. `"model.path"`); undefined when unknown. */
+export type SettingReader = (key: string) => unknown;
+
+/** Settings that configure the client itself and are never sent to the server. */
+const CLIENT_ONLY_SECTIONS = new Set(["server", "trace"]);
+
+const PREFIX = "exlsp.";
+
+/**
+ * The settings that belong to the server's configuration tree, as keys below
+ * `exlsp.` (`"model.path"`, `"completion.maxTokens"`, ...), in the order
+ * package.json declares them.
+ */
+export function wireSettingKeys(packageJson: unknown): string[] {
+  const properties = (packageJson as {
+    contributes?: { configuration?: { properties?: Record<string, unknown> } };
+  })?.contributes?.configuration?.properties;
+  if (!properties) {
+    return [];
+  }
+  const keys: string[] = [];
+  for (const name of Object.keys(properties)) {
+    if (!name.startsWith(PREFIX)) {
+      continue;
+    }
+    const key = name.slice(PREFIX.length);
+    const parts = key.split(".");
+    if (parts.length !== 2 || CLIENT_ONLY_SECTIONS.has(parts[0])) {
+      continue;
+    }
+    keys.push(key);
+  }
+  return keys;
+}
+
+/**
+ * Builds the nested configuration tree from flat settings:
+ * `model.path = "/m"` becomes `{ model: { path: "/m" } }`. Every key is
+ * present (VS Code returns the default for a setting the user left alone),
+ * so the server always receives the complete tree.
+ */
+export function buildWireConfig(keys: readonly string[], read: SettingReader): WireConfig {
+  const tree: WireConfig = {};
+  for (const key of keys) {
+    const dot = key.indexOf(".");
+    const section = key.slice(0, dot);
+    const leaf = key.slice(dot + 1);
+    const value = read(key);
+    if (value === undefined) {
+      continue;
+    }
+    (tree[section] ??= {})[leaf] = value;
+  }
+  return tree;
+}
+
+/** Settings that decide how the server process is started. */
+export interface ServerSettings {
+  command?: string;
+  args?: readonly string[];
+  python?: string;
+}
+
+export interface ServerLaunch {
+  command: string;
+  args: string[];
+}
+
+/**
+ * How to start the server:
+ * - `server.command` set: that command with `server.args` (default `serve`);
+ * - else `server.python` set: `<python> -m exlsp.server <server.args> serve`;
+ * - else `exlsp <server.args> serve` from PATH.
+ * The CLI's options (`--log-file`, `--log-level`) come before the subcommand.
+ */
+export function resolveServerLaunch(settings: ServerSettings): ServerLaunch {
+  const command = (settings.command ?? "").trim();
+  const python = (settings.python ?? "").trim();
+  const args = [...(settings.args ?? [])].map(String);
+  if (command) {
+    return { command, args: args.length > 0 ? args : ["serve"] };
+  }
+  if (python) {
+    return { command: python, args: ["-m", "exlsp.server", ...args, "serve"] };
+  }
+  return { command: "exlsp", args: [...args, "serve"] };
+}
+
+/** Payload of the server's `exlsp/status` notification. */
+export interface ServerStatus {
+  state: "loading" | "ready" | "error" | "disabled" | string;
+  message?: string;
+  model?: string;
+  backend?: string;
+  lastLatencyMs?: number | null;
+}
+
+export interface StatusBarView {
+  text: string;
+  tooltip: string;
+}
+
+/** Where the server process is, as the language client sees it. */
+export type ServerProcess = "starting" | "running" | "stopped";
+
+/**
+ * Text and tooltip of the status bar item. `status` is undefined until the
+ * server has reported.
+ */
+export function statusBarView(
+  status: ServerStatus | undefined,
+  process: ServerProcess,
+  enabled: boolean,
+): StatusBarView {
+  const details = (s: ServerStatus): string[] => {
+    const lines: string[] = [];
+    if (s.model) lines.push(`Model: ${s.model}`);
+    if (s.backend) lines.push(`Backend: ${s.backend}`);
+    if (s.lastLatencyMs !== undefined && s.lastLatencyMs !== null) {
+      lines.push(`Last suggestion: ${Math.round(s.lastLatencyMs)} ms`);
+    }
+    if (s.message) lines.push(s.message);
+    return lines;
+  };
+  const menuHint = "Click for exlsp commands";
+  if (process === "stopped") {
+    return { text: "$(circle-slash) exlsp", tooltip: `exlsp: server not running\n${menuHint}` };
+  }
+  if (process === "starting" || !status) {
+    return { text: "$(loading~spin) exlsp", tooltip: `exlsp: starting\n${menuHint}` };
+  }
+  const lines = details(status);
+  const tooltip = (head: string): string => [head, ...lines, menuHint].join("\n");
+  if (!enabled || status.state === "disabled") {
+    return { text: "$(circle-slash) exlsp off", tooltip: tooltip("exlsp: completions disabled") };
+  }
+  switch (status.state) {
+    case "loading":
+      return { text: "$(loading~spin) exlsp loading", tooltip: tooltip("exlsp: loading the model") };
+    case "error":
+      return { text: "$(error) exlsp", tooltip: tooltip("exlsp: error") };
+    case "ready": {
+      const latency =
+        status.lastLatencyMs !== undefined && status.lastLatencyMs !== null
+          ? ` ${Math.round(status.lastLatencyMs)} ms`
+          : "";
+      return { text: `$(sparkle) exlsp${latency}`, tooltip: tooltip("exlsp: model loaded") };
+    }
+    default:
+      return { text: `$(question) exlsp`, tooltip: tooltip(`exlsp: ${status.state}`) };
+  }
+}
+
+/**
+ * Answers the server's `workspace/configuration` request: items for the
+ * `exlsp` section get the mapped tree (never the client-only settings), a
+ * sub-section such as `exlsp.completion` gets that part of it, and other
+ * sections keep what VS Code's default handler found.
+ */
+export function answerConfiguration(
+  items: readonly { section?: string; scopeUri?: string }[],
+  wireFor: (scopeUri: string | undefined) => WireConfig,
+  defaults: readonly unknown[],
+): unknown[] {
+  return items.map((item, i) => {
+    const section = item.section ?? "";
+    if (section === "exlsp") {
+      return wireFor(item.scopeUri);
+    }
+    if (section.startsWith(PREFIX)) {
+      const sub = section.slice(PREFIX.length);
+      const tree = wireFor(item.scopeUri);
+      if (!CLIENT_ONLY_SECTIONS.has(sub.split(".")[0])) {
+        return sub.split(".").reduce<unknown>(
+          (node, part) =>
+            node !== null && typeof node === "object"
+              ? (node as Record<string, unknown>)[part] ?? null
+              : null,
+          tree,
+        );
+      }
+    }
+    return defaults[i] ?? null;
+  });
+}
+
+/**
+ * Which settings scope the Enable/Disable commands should write: the most
+ * specific one where `exlsp.completion.enabled` is set, so the command wins.
+ */
+export function enabledSettingTarget(inspected: {
+  workspaceFolderValue?: unknown;
+  workspaceValue?: unknown;
+}): "workspaceFolder" | "workspace" | "global" {
+  if (inspected.workspaceFolderValue !== undefined) return "workspaceFolder";
+  if (inspected.workspaceValue !== undefined) return "workspace";
+  return "global";
+}
