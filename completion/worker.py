@@ -33,6 +33,7 @@ class GenerationHandle:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self.done = loop.create_future()
         self.submitted = time.perf_counter()
+        self.background = False
         self.started: float | None = None
 
     # Called on the worker thread.
@@ -70,8 +71,7 @@ class BackendWorker:
             queue.Queue()
         )
         self._thread = threading.Thread(target=self._run, name=f"exlsp-{name}", daemon=True)
-        self._current: GenerationHandle | None = None
-        self._pending: GenerationHandle | None = None
+        self._live: list[GenerationHandle] = []  # submitted and not finished, in order
         self._lock = threading.Lock()
         self.backend: Backend | None = None
         self._thread.start()
@@ -112,22 +112,24 @@ class BackendWorker:
 
     # -- generation ------------------------------------------------------------
 
-    def submit(self, job: GenerationJob) -> GenerationHandle:
-        """Queue `job`, cancelling whatever runs or waits: the latest request wins."""
+    def submit(self, job: GenerationJob, background: bool = False) -> GenerationHandle:
+        """Queue `job`; the latest request wins.
+
+        A foreground job (a completion) cancels every job that runs or waits.
+        A background job (hover, code action) cancels only older background
+        jobs and waits behind foreground ones, which in turn preempt it.
+        """
         handle = GenerationHandle(job, asyncio.get_running_loop())
+        handle.background = background
         with self._lock:
-            for stale in (self._current, self._pending):
-                if stale is not None:
+            for stale in self._live:
+                if not background or stale.background:
                     stale.cancel()
-            self._pending = handle
+            self._live.append(handle)
         self._jobs.put((lambda: self._generate(handle), None))
         return handle
 
     def _generate(self, handle: GenerationHandle) -> None:
-        with self._lock:
-            if self._pending is handle:
-                self._pending = None
-            self._current = handle
         job = handle.job
         error: BaseException | None = None
         try:
@@ -146,8 +148,7 @@ class BackendWorker:
             error = e
         finally:
             with self._lock:
-                if self._current is handle:
-                    self._current = None
+                self._live.remove(handle)
             handle._finish(error)
 
     # -- thread ---------------------------------------------------------------
@@ -172,9 +173,8 @@ class BackendWorker:
 
     def close(self) -> None:
         with self._lock:
-            for h in (self._current, self._pending):
-                if h is not None:
-                    h.cancel()
+            for h in self._live:
+                h.cancel()
         backend = self.backend
         if backend is not None:
             self._jobs.put((backend.close, None))

@@ -85,6 +85,9 @@ class ScriptedBackend:
             job.stats.generated_tokens = i + 1
             self.cached.append(ord(ch))
             yield ord(ch)
+            if i + 1 >= job.max_tokens:
+                job.stats.stop_reason = "max_tokens"
+                return
         job.stats.stop_reason = "eos"
 
     def reset_cache(self) -> None:

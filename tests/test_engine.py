@@ -164,3 +164,31 @@ async def test_snippets_are_sticky_while_typing(make_engine) -> None:  # type: i
     assert ctx.calls == 2
     # The snippet is in the prompt the backend saw.
     assert "helper_2" in backend.tokenizer.decode(backend.jobs[-1].prompt)
+
+
+async def test_background_jobs_yield_to_completions(make_engine) -> None:  # type: ignore[no-untyped-def]
+    from exlsp.completion.backends.base import GenerationJob
+
+    engine, backend = await make_engine(lambda p: "z" * 100 + "\n", step_s=0.01)
+    worker = engine.worker
+    tok = backend.tokenizer
+    hover = worker.submit(
+        GenerationJob(prompt=tok.encode("explain"), stop_ids=frozenset(), max_tokens=100),
+        background=True,
+    )
+    await asyncio.sleep(0.05)
+    result = await engine.complete(req(DOC, 1, 4))
+    assert result.stats.source == "model"
+    await hover.done
+    assert hover.job.stats.stop_reason == "cancelled"  # preempted by the completion
+    # A background job submitted while a completion runs waits and does not cancel it.
+    first = asyncio.create_task(engine.complete(req(DOC.replace("    \n", "    q\n"), 1, 5)))
+    await asyncio.sleep(0.03)
+    later = worker.submit(
+        GenerationJob(prompt=tok.encode("explain"), stop_ids=frozenset(), max_tokens=3),
+        background=True,
+    )
+    done = await first
+    assert done.stats.stop_reason != "cancelled"
+    await later.done
+    assert later.job.stats.generated_tokens == 3
