@@ -23,8 +23,13 @@ def test_merge_applies_valid_values_and_reports_bad_ones() -> None:
         Config(),
         {
             "model": {"path": "/m", "backend": "instant", "cacheType": "Q4"},
-            "completion": {"maxTokens": 64, "deadlineMs": -5, "multiline": "sometimes",
-                           "kvReuse": "yes", "prefixTokens": 2048.0},
+            "completion": {
+                "maxTokens": 64,
+                "deadlineMs": -5,
+                "multiline": "sometimes",
+                "kvReuse": "yes",
+                "prefixTokens": 2048.0,
+            },
             "logging": {"level": "debug"},
             "nonsense": 1,
         },
