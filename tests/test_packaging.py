@@ -1,0 +1,31 @@
+"""The built wheel installs everything under the `exlsp` namespace and nothing else."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_wheel_holds_only_the_exlsp_namespace(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(ROOT), "-w", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("exlsp-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names}
+    assert top == {"exlsp", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}
+    packages = {n.split("/")[1] for n in names if n.startswith("exlsp/")}
+    assert packages == {"server", "completion", "index", "benchmarks"}
+    assert "exlsp/__init__.py" not in names  # an implicit namespace package
+    assert "exlsp/server/features/inline.py" in names
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "exlsp = exlsp.server.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
