@@ -121,6 +121,8 @@ class BackendWorker:
         """
         handle = GenerationHandle(job, asyncio.get_running_loop())
         handle.background = background
+        if background:
+            job.slot = "background"
         with self._lock:
             for stale in self._live:
                 if not background or stale.background:

@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from exlsp.completion.assist import CodeActionsConfig, HoverConfig
 from exlsp.completion.config import CompletionConfig, EngineConfig, ModelConfig
 
 _LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -48,6 +49,8 @@ class LoggingConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     completion: CompletionConfig = field(default_factory=CompletionConfig)
+    hover: HoverConfig = field(default_factory=HoverConfig)
+    codeActions: CodeActionsConfig = field(default_factory=CodeActionsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def engine(self) -> EngineConfig:

@@ -246,9 +246,17 @@ class ExlspServer(LanguageServer):
 
 def build_server() -> ExlspServer:
     """A server with every feature registered; nothing heavy happens until `initialized`."""
-    from exlsp.server.features import completion, configuration, documents, inline, stats
+    from exlsp.server.features import (
+        code_actions,
+        completion,
+        configuration,
+        documents,
+        hover,
+        inline,
+        stats,
+    )
 
     server = ExlspServer()
-    for feature in (documents, configuration, inline, completion, stats):
+    for feature in (documents, configuration, inline, completion, hover, code_actions, stats):
         feature.register(server)
     return server

@@ -162,3 +162,18 @@ def test_deadline(backend: TransformersBackend) -> None:
     out = list(backend.stream(job))
     assert job.stats.stop_reason == "deadline"
     assert 0 < len(out) < 100_000
+
+
+def test_background_slot_keeps_the_main_cache(backend: TransformersBackend) -> None:
+    tok = backend.tokenizer
+    prompt = tok.encode("def area(radius):\n    return radius * radius\n")
+    run(backend, prompt, frozenset(), reuse=False, max_tokens=2)
+    other = GenerationJob(
+        prompt=tok.encode("explain this code please"),
+        stop_ids=frozenset(),
+        max_tokens=2,
+        slot="background",
+    )
+    list(backend.stream(other))
+    _, job = run(backend, prompt, frozenset(), reuse=True, max_tokens=2)
+    assert job.stats.reused_tokens == len(prompt) - 1  # the main slot survived

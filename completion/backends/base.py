@@ -25,6 +25,9 @@ class GenerationJob:
     max_tokens: int
     deadline: float = float("inf")  # time.monotonic() seconds
     reuse_cache: bool = True  # False: drop the KV cache first (the no-reuse baseline)
+    # Which KV cache the job uses where a backend keeps several: background work
+    # (hover, code actions) must not evict the completion's cached prompt.
+    slot: str = "main"
     cancel: threading.Event = field(default_factory=threading.Event)
     stats: KvReuseStats = field(default_factory=KvReuseStats)
 

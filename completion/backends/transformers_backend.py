@@ -79,12 +79,22 @@ class TransformersBackend:
         )
         self._past: Any = None
         self._cached: list[int] = []  # tokens whose K/V are in self._past, in order
+        self._slot = "main"
+        self._parked: dict[str, tuple[Any, list[int]]] = {}  # the other slots' caches
 
     # -- KV cache ------------------------------------------------------------
 
     def reset_cache(self) -> None:
         self._past = None
         self._cached = []
+
+    def _use_slot(self, slot: str) -> None:
+        """Switch to the KV cache of `slot`, keeping the current one for later."""
+        if slot == self._slot:
+            return
+        self._parked[self._slot] = (self._past, self._cached)
+        self._past, self._cached = self._parked.pop(slot, (None, []))
+        self._slot = slot
 
     def _keep(self, n: int) -> None:
         """Crop the cache to its first `n` tokens."""
@@ -120,6 +130,7 @@ class TransformersBackend:
         room = max(1, self.context_length - min(job.max_tokens, self.context_length // 2))
         if len(prompt) > room:
             prompt = prompt[-room:]
+        self._use_slot(job.slot)
         if not job.reuse_cache:
             self.reset_cache()
         t0 = time.perf_counter()
@@ -172,6 +183,7 @@ class TransformersBackend:
 
     def close(self) -> None:
         self.reset_cache()
+        self._parked.clear()
         self.model = None
 
 

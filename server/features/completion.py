@@ -16,14 +16,14 @@ from exlsp.server.lsp import ExlspServer
 _WORD_TAIL = re.compile(r"[\w$]+$")
 
 
-def _documentation(ls: ExlspServer, language: str, code: str) -> types.MarkupContent:
+def _documentation(ls: ExlspServer, language: str, code: str) -> types.MarkupContent | str:
     """The whole suggestion, as Markdown where the client renders it."""
     caps = ls.client_capabilities.text_document
     item = caps.completion.completion_item if caps and caps.completion else None
     formats = (item.documentation_format if item else None) or []
     if types.MarkupKind.Markdown in formats:
         return types.MarkupContent(types.MarkupKind.Markdown, f"```{language}\n{code}\n```")
-    return types.MarkupContent(types.MarkupKind.PlainText, code)
+    return code  # plain text: allowed whatever formats the client lists
 
 
 def register(server: ExlspServer) -> None:
