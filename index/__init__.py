@@ -1,1 +1,11 @@
-"""The workspace index (watch -> chunk -> embed -> store -> retrieve)."""
+"""The workspace index (watch -> chunk -> embed -> store -> retrieve).
+
+Modules (nothing heavy is imported here):
+
+- `config`: `IndexConfig`, the ``index`` section of the settings;
+- `service`: `WorkspaceIndex`, the worker that keeps a folder's index current,
+  and its `ProgressEvent` / `IndexStats`;
+- `retrieve`: `WorkspaceRetriever`, the engine's `ContextSource`;
+- `cli`: `run_index` / `run_search` for ``exlsp index`` and ``exlsp search``;
+- `files`, `watch`, `chunk`, `lexical`, `embed`, `store`, `search`: the parts.
+"""

@@ -162,6 +162,18 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor(config.model)
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    from exlsp.index.cli import run_index
+
+    return run_index(Path(args.path), load_config(args.config).index)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from exlsp.index.cli import run_search
+
+    return run_search(Path(args.path), args.query, load_config(args.config).index, args.limit)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="exlsp", description="AI code completions for any LSP editor from a local model."
@@ -200,6 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", help="backend to check")
     p.add_argument("--config", help="a JSON file with the configuration tree")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("index", parents=[common], help="build or update the index of PATH")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--config", help="a JSON file with the configuration tree")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", parents=[common], help="search the index of PATH")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("query", metavar="QUERY")
+    p.add_argument("--limit", type=int, default=10)
+    p.add_argument("--config", help="a JSON file with the configuration tree")
+    p.set_defaults(func=cmd_search)
 
     args = parser.parse_args(argv)
     if args.command == "serve" and args.tcp and ":" not in args.tcp:

@@ -16,6 +16,7 @@ from typing import Any
 
 from exlsp.completion.assist import CodeActionsConfig, HoverConfig
 from exlsp.completion.config import CompletionConfig, EngineConfig, ModelConfig
+from exlsp.index.config import IndexConfig
 
 _LEVELS = ("critical", "error", "warning", "info", "debug")
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -51,6 +52,7 @@ class Config:
     completion: CompletionConfig = field(default_factory=CompletionConfig)
     hover: HoverConfig = field(default_factory=HoverConfig)
     codeActions: CodeActionsConfig = field(default_factory=CodeActionsConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def engine(self) -> EngineConfig:

@@ -107,7 +107,9 @@ class ExlspServer(LanguageServer):
         self.documents = DocumentStore()
         self.config = Config()
         self.service: CompletionService | None = None
-        self.context_source: Any = None
+        self.context_source: Any = None  # the index's retriever, when indexing
+        self.index: Any = None  # exlsp.index.service.WorkspaceIndex
+        self.index_changed = False
         self.initialized = False
         self.event_loop: asyncio.AbstractEventLoop | None = None
         self.loop_thread: int | None = None
@@ -252,11 +254,13 @@ def build_server() -> ExlspServer:
         configuration,
         documents,
         hover,
+        indexing,
         inline,
         stats,
     )
 
     server = ExlspServer()
-    for feature in (documents, configuration, inline, completion, hover, code_actions, stats):
+    features = (documents, configuration, indexing, inline, completion, hover, code_actions, stats)
+    for feature in features:
         feature.register(server)
     return server

@@ -44,10 +44,13 @@ def _elisp_settings() -> dict[str, Any]:
     block = source[source.index("(defconst exlsp--settings") :]
     block = block[: block.index("\"The server's settings")]
     settings = {}
-    pattern = r'\("(exlsp\.[\w.]+)" ("[^"]*"|-?\d+|t|nil) (string|integer|boolean) "'
+    value_re = r'"[^"]*"|-?\d+|t|nil|\[[^\]]*\]'
+    pattern = rf'\("(exlsp\.[\w.]+)" ({value_re}) (string|integer|boolean|sexp) "'
     for name, raw, kind in re.findall(pattern, block):
-        if kind == "boolean":
-            value: Any = raw == "t"
+        if kind == "sexp":  # a vector of strings: a JSON array on the wire
+            value: Any = re.findall(r'"([^"]*)"', raw)
+        elif kind == "boolean":
+            value = raw == "t"
         elif kind == "integer":
             value = int(raw)
         else:

@@ -10,6 +10,7 @@ from typing import Any
 from lsprotocol import types
 
 from exlsp.server.config import merge
+from exlsp.server.features.indexing import start_index, stop_index
 from exlsp.server.lsp import ExlspServer
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ def apply_settings(ls: ExlspServer, settings: Any, origin: str) -> bool:
     for error in errors:
         ls.show_once(f"exlsp: bad setting in {origin}: {error}", types.MessageType.Warning)
     model_changed = new.model != ls.config.model
+    ls.index_changed = new.index != ls.config.index
     ls.config = new
     ls.apply_logging()
     if ls.service is not None and not model_changed:
@@ -63,6 +65,7 @@ def register(server: ExlspServer) -> None:
         ls.initialized = True
         ls.apply_logging()
         apply_settings(ls, await fetch_workspace_settings(ls), "workspace configuration")
+        await start_index(ls)
         ls.start_model()
 
     @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
@@ -73,11 +76,19 @@ def register(server: ExlspServer) -> None:
         if not settings:
             # Pull model: the notification only says something changed.
             settings = await fetch_workspace_settings(ls)
-        if apply_settings(ls, settings, "settings") and ls.initialized:
+        model_changed = apply_settings(ls, settings, "settings")
+        if not ls.initialized:
+            return
+        if ls.index_changed:
+            log.info("index settings changed: restarting the index")
+            await start_index(ls)
+            model_changed = True  # the engine takes the new context source
+        if model_changed:
             log.info("model settings changed: reloading")
             ls.start_model()
 
     @server.feature(types.SHUTDOWN)
     def shutdown(ls: ExlspServer, params: Any) -> None:
+        stop_index(ls)
         if ls.service is not None:
             ls.service.close()

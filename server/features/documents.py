@@ -23,6 +23,7 @@ def register(server: ExlspServer) -> None:
         if doc is None:
             log.warning("change to a document that is not open: %s", params.text_document.uri)
             return
+        edited: tuple[int, int] | None = None  # first and last line touched
         for change in params.content_changes:
             if isinstance(change, types.TextDocumentContentChangePartial):
                 r = change.range
@@ -32,13 +33,26 @@ def register(server: ExlspServer) -> None:
                     change.text,
                     ls.encoding,
                 )
+                first = min(r.start.line, len(doc.lines) - 1)
+                last = min(first + change.text.count("\n"), len(doc.lines) - 1)
+                edited = (
+                    (first, last)
+                    if edited is None
+                    else (min(edited[0], first), max(edited[1], last))
+                )
             else:
                 doc.apply_change(None, None, change.text, ls.encoding)
         doc.version = params.text_document.version
+        if ls.index is not None and edited is not None:
+            # Recently edited code of this document is context for completions in others.
+            lo, hi = max(0, edited[0] - 3), min(len(doc.lines), edited[1] + 4)
+            ls.index.note_edit(doc.uri, "".join(doc.lines[lo:hi]), edited[0])
 
     @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
     def did_close(ls: ExlspServer, params: types.DidCloseTextDocumentParams) -> None:
         uri = params.text_document.uri
         ls.documents.close(uri)
+        if ls.index is not None:
+            ls.index.forget_document(uri)
         if ls.service is not None and ls.service.engine is not None:
             ls.service.engine.forget(uri)

@@ -26,6 +26,7 @@ def stats_payload(ls: ExlspServer) -> dict[str, Any]:
         "model": dataclasses.asdict(backend.info) if backend else None,
         "fimTemplate": engine.fim.template.family if engine else None,
         "last": {_camel(k): v for k, v in dataclasses.asdict(last).items()} if last else None,
+        "index": dataclasses.asdict(ls.index.stats()) if ls.index is not None else None,
         "lastRequest": {"line": req.line, "character": req.character} if req else None,
         "lastPromptSegments": prompt.segment_tokens if prompt else None,
         # What the model was shown, for inspection (bounded by the prompt budgets).

@@ -1,0 +1,494 @@
+"""The chunk table: embedded LanceDB under the database directory.
+
+The table is a rebuildable cache. Its layout is described by a fingerprint
+(schema version, chunker settings, embedding model and size) kept in
+``meta.json`` next to it; a table whose fingerprint differs, or that fails to
+open (a process killed mid-write on a file system that lost data, a version
+of LanceDB that cannot read it), is dropped and rebuilt, never fatal.
+
+Every file's rows are replaced in one commit (``merge_insert`` on ``id`` that
+deletes the file's rows the source no longer has), so a reader sees a file
+either before or after a change. Rows carry the file's content hash, mtime and
+size, which is how a restart knows what is up to date.
+
+Only the index worker thread writes; searches may come from any thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from exlsp.index.chunk import Chunk
+from exlsp.index.lexical import search_text
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+TABLE = "chunks"
+META = "meta.json"
+LOCK = "writer.lock"
+
+# Build the vector index (IVF) once this many rows have vectors; below it a flat
+# search is exact and fast enough.
+VECTOR_INDEX_MIN_ROWS = 20_000
+# Scalar indexes on id and path speed up merges and deletes of large tables.
+SCALAR_INDEX_MIN_ROWS = 5_000
+# Files per commit: bounds the SQL filter and the memory of one write.
+FILES_PER_COMMIT = 400
+# Older table versions are removed by optimize(); readers in other processes
+# that still hold one that old reopen.
+CLEANUP_OLDER_THAN = timedelta(minutes=1)
+RESULT_COLUMNS = ["id", "path", "start_line", "end_line", "symbol", "kind", "text"]
+
+
+class StoreUnavailable(RuntimeError):
+    """The table cannot be used (read-only open of a missing or different index)."""
+
+
+@dataclass(frozen=True)
+class FileState:
+    content_hash: str
+    mtime_ns: int
+    size: int
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    """A row returned by a search, with the engine's score for it."""
+
+    id: str
+    path: str
+    start_line: int
+    end_line: int
+    symbol: str
+    kind: str
+    text: str
+    score: float  # BM25 score (higher is better) or cosine distance (lower is better)
+
+
+def sql_string(value: str) -> str:
+    """A SQL string literal (single quotes doubled)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def path_filter(paths: Iterable[str]) -> str:
+    return "path IN (" + ", ".join(sql_string(p) for p in paths) + ")"
+
+
+def schema_for(vector_dim: int | None) -> pa.Schema:
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("language", pa.string()),
+        pa.field("symbol", pa.string()),
+        pa.field("kind", pa.string()),
+        pa.field("start_line", pa.int32()),
+        pa.field("end_line", pa.int32()),
+        pa.field("text", pa.string()),
+        pa.field("search_text", pa.string()),
+        pa.field("file_hash", pa.string()),
+        pa.field("mtime_ns", pa.int64()),
+        pa.field("size", pa.int64()),
+    ]
+    if vector_dim is not None:
+        fields.append(pa.field("vector", pa.list_(pa.float32(), vector_dim), nullable=True))
+    return pa.schema(fields)
+
+
+def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class WriterLock:
+    """An exclusive lock on the database directory: one writing process per index."""
+
+    def __init__(self, directory: Path) -> None:
+        self._path = directory / LOCK
+        self._fh: Any = None
+
+    def acquire(self) -> bool:
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks on this platform: assume one writer
+            return True
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self._path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            return False
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._fh = fh
+        return True
+
+    def release(self) -> None:
+        if self._fh is not None:
+            try:
+                import fcntl
+
+                fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            except (ImportError, OSError):
+                pass
+            self._fh.close()
+            self._fh = None
+
+
+class ChunkStore:
+    """The chunk table of one workspace. Open with `open()`; searches are thread-safe."""
+
+    def __init__(
+        self,
+        directory: Path,
+        fingerprint: Mapping[str, Any],
+        vector_dim: int | None,
+        *,
+        read_only: bool = False,
+    ) -> None:
+        self.directory = directory
+        self.fingerprint = {"schema": SCHEMA_VERSION, **fingerprint, "dim": vector_dim}
+        self.vector_dim = vector_dim
+        self.read_only = read_only
+        self.rebuilt = False  # set when open() had to drop an unusable table
+        self._db: Any = None
+        self._table: Any = None
+        self._has_fts = False
+        self._has_vector_index = False
+        self._has_scalar = False
+        self._vector_partitions = 0
+
+    # --- opening -------------------------------------------------------------
+
+    def open(self) -> None:
+        # LanceDB's Rust logger writes warnings ("No existing dataset ... will be
+        # created") to stderr, which a language server shares with its client.
+        os.environ.setdefault("LANCEDB_LOG", "error")
+        import lancedb
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        consistency = timedelta(seconds=2) if self.read_only else None
+        self._db = lancedb.connect(str(self.directory), read_consistency_interval=consistency)
+        meta = self._read_meta()
+        matches = meta is not None and meta.get("fingerprint") == self.fingerprint
+        if self.read_only:
+            if not matches:
+                raise StoreUnavailable(
+                    f"no index with these settings in {self.directory}"
+                    + (" (built with different settings)" if meta else "")
+                )
+            self._table = self._db.open_table(TABLE)
+            self._refresh_index_state()
+            return
+        if matches:
+            try:
+                table = self._db.open_table(TABLE)
+                self._validate(table)
+                self._table = table
+                self._refresh_index_state()
+                return
+            except Exception as exc:  # any failure to open means: rebuild
+                log.warning("index table in %s is unusable (%s): rebuilding", self.directory, exc)
+        elif meta is not None:
+            log.info("index in %s was built with other settings: rebuilding", self.directory)
+        self._rebuild()
+
+    def _read_meta(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads((self.directory / META).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    @staticmethod
+    def _validate(table: Any) -> None:
+        table.count_rows()
+        table.search().select(["id", "path", "file_hash"]).limit(1).to_arrow()
+        table.list_indices()
+
+    def _rebuild(self) -> None:
+        self.rebuilt = True
+        self._table = None
+        try:
+            self._db.drop_table(TABLE, ignore_missing=True)
+        except Exception as exc:
+            log.debug("drop_table failed (%s): removing the directory", exc)
+        shutil.rmtree(self.directory / f"{TABLE}.lance", ignore_errors=True)
+        (self.directory / META).unlink(missing_ok=True)
+        self._table = self._db.create_table(
+            TABLE, schema=schema_for(self.vector_dim), mode="overwrite"
+        )
+        _write_json_atomic(
+            self.directory / META,
+            {"fingerprint": self.fingerprint, "note": "a rebuildable cache of exlsp"},
+        )
+        self._has_fts = self._has_vector_index = self._has_scalar = False
+
+    def _refresh_index_state(self) -> None:
+        indices = self._table.list_indices()
+        columns = {tuple(i.columns): i for i in indices}
+        self._has_fts = ("search_text",) in columns
+        self._has_scalar = ("id",) in columns
+        vec = columns.get(("vector",))
+        self._has_vector_index = vec is not None
+        if vec is not None:
+            self._vector_partitions = self._partitions_for(self.count_rows("vector IS NOT NULL"))
+
+    @property
+    def table(self) -> Any:
+        if self._table is None:
+            raise StoreUnavailable("the index table is not open")
+        return self._table
+
+    def close(self) -> None:
+        self._table = None
+        self._db = None
+
+    # --- reading state -------------------------------------------------------
+
+    def count_rows(self, where: str | None = None) -> int:
+        return int(self.table.count_rows(where) if where else self.table.count_rows())
+
+    def file_states(self) -> dict[str, FileState]:
+        """Every indexed file with the content hash, mtime and size its rows were built from."""
+        data = (
+            self.table.search()
+            .select(["path", "file_hash", "mtime_ns", "size"])
+            .limit(None)
+            .to_arrow()
+        )
+        states: dict[str, FileState] = {}
+        for path, h, mtime, size in zip(
+            data["path"].to_pylist(),
+            data["file_hash"].to_pylist(),
+            data["mtime_ns"].to_pylist(),
+            data["size"].to_pylist(),
+            strict=True,
+        ):
+            states[path] = FileState(h or "", int(mtime or 0), int(size or 0))
+        return states
+
+    def paths(self) -> set[str]:
+        data = self.table.search().select(["path"]).limit(None).to_arrow()
+        return set(data["path"].to_pylist())
+
+    # --- writing -------------------------------------------------------------
+
+    def _rows(self, files: Mapping[str, tuple[FileState, Sequence[Chunk]]]) -> pa.Table:
+        cols: dict[str, list[Any]] = {name: [] for name in schema_for(self.vector_dim).names}
+        for path, (state, chunks) in files.items():
+            for c in chunks:
+                cols["id"].append(c.id)
+                cols["path"].append(path)
+                cols["language"].append(c.language)
+                cols["symbol"].append(c.symbol)
+                cols["kind"].append(c.kind)
+                cols["start_line"].append(c.start_line)
+                cols["end_line"].append(c.end_line)
+                cols["text"].append(c.text)
+                cols["search_text"].append(search_text(f"{c.symbol}\n{c.text}"))
+                cols["file_hash"].append(state.content_hash)
+                cols["mtime_ns"].append(state.mtime_ns)
+                cols["size"].append(state.size)
+                if self.vector_dim is not None:
+                    cols["vector"].append(None)
+        return pa.Table.from_pydict(cols, schema=schema_for(self.vector_dim))
+
+    def _carry_vectors(self, rows: pa.Table) -> pa.Table:
+        """Keep the vectors of chunks that did not change (same id = same text)."""
+        if self.vector_dim is None or rows.num_rows == 0:
+            return rows
+        ids = rows["id"].to_pylist()
+        known: dict[str, Any] = {}
+        for start in range(0, len(ids), 2000):
+            part = ids[start : start + 2000]
+            old = (
+                self.table.search()
+                .where("vector IS NOT NULL AND id IN (" + ", ".join(map(sql_string, part)) + ")")
+                .select(["id", "vector"])
+                .limit(None)
+                .to_arrow()
+            )
+            known.update(zip(old["id"].to_pylist(), old["vector"].to_pylist(), strict=True))
+        if not known:
+            return rows
+        vectors = [known.get(i) for i in ids]
+        column = pa.array(vectors, type=pa.list_(pa.float32(), self.vector_dim))
+        return rows.set_column(rows.schema.get_field_index("vector"), "vector", column)
+
+    def replace_files(
+        self, files: Mapping[str, tuple[FileState, Sequence[Chunk]]], *, new: bool = False
+    ) -> None:
+        """Make the rows of each of `files` exactly its chunks; one commit per group.
+
+        `new`: none of these paths has rows yet (the cold scan), so a plain append will do.
+        """
+        items = list(files.items())
+        for start in range(0, len(items), FILES_PER_COMMIT):
+            group = dict(items[start : start + FILES_PER_COMMIT])
+            rows = self._rows(group)
+            if new:
+                if rows.num_rows:
+                    self.table.add(rows)
+                continue
+            if rows.num_rows == 0:
+                self.table.delete(path_filter(group))
+                continue
+            rows = self._carry_vectors(rows)
+            (
+                self.table.merge_insert("id")
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .when_not_matched_by_source_delete(path_filter(group))
+                .execute(rows, on_bad_vectors="null")
+            )
+
+    def delete_paths(self, paths: Iterable[str]) -> None:
+        paths = list(paths)
+        for start in range(0, len(paths), FILES_PER_COMMIT):
+            self.table.delete(path_filter(paths[start : start + FILES_PER_COMMIT]))
+
+    def rows_without_vectors(self, limit: int) -> list[tuple[str, str, str, str]]:
+        """(id, path, symbol, text) of up to `limit` rows that still need a vector."""
+        if self.vector_dim is None:
+            return []
+        data = (
+            self.table.search()
+            .where("vector IS NULL")
+            .select(["id", "path", "symbol", "text"])
+            .limit(limit)
+            .to_arrow()
+        )
+        return list(
+            zip(
+                data["id"].to_pylist(),
+                data["path"].to_pylist(),
+                data["symbol"].to_pylist(),
+                data["text"].to_pylist(),
+                strict=True,
+            )
+        )
+
+    def set_vectors(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+        """Fill in vectors of existing rows (rows deleted meanwhile stay deleted)."""
+        if self.vector_dim is None or not ids:
+            return
+        flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel())
+        column = pa.FixedSizeListArray.from_arrays(flat, self.vector_dim)
+        data = pa.table({"id": pa.array(list(ids), pa.string()), "vector": column})
+        self.table.merge_insert("id").when_matched_update_all().execute(data)
+
+    # --- indexes -------------------------------------------------------------
+
+    @staticmethod
+    def _partitions_for(rows: int) -> int:
+        return max(8, min(1024, int(math.sqrt(max(rows, 1)))))
+
+    def ensure_indexes(self) -> list[str]:
+        """Create the indexes the table is now large enough for; names of those created."""
+        from lancedb.index import FTS, BTree, IvfFlat
+
+        created: list[str] = []
+        rows = self.count_rows()
+        if rows and not self._has_fts:
+            self.table.create_index(
+                "search_text",
+                config=FTS(
+                    with_position=False,
+                    base_tokenizer="simple",
+                    lower_case=True,
+                    stem=False,
+                    remove_stop_words=False,
+                    ascii_folding=True,
+                    max_token_length=40,
+                ),
+                replace=True,
+            )
+            self._has_fts = True
+            created.append("fts")
+        if rows >= SCALAR_INDEX_MIN_ROWS and not self._has_scalar:
+            self.table.create_index("id", config=BTree(), replace=True)
+            self.table.create_index("path", config=BTree(), replace=True)
+            self._has_scalar = True
+            created.append("scalar")
+        if self.vector_dim is not None and not self._has_vector_index:
+            with_vectors = self.count_rows("vector IS NOT NULL")
+            if with_vectors >= VECTOR_INDEX_MIN_ROWS:
+                partitions = self._partitions_for(with_vectors)
+                self.table.create_index(
+                    "vector",
+                    config=IvfFlat(distance_type="cosine", num_partitions=partitions),
+                    replace=True,
+                )
+                self._has_vector_index = True
+                self._vector_partitions = partitions
+                created.append("ivf")
+        return created
+
+    def optimize(self) -> None:
+        """Compact files, fold new rows into the indexes, drop old versions."""
+        self.table.optimize(cleanup_older_than=CLEANUP_OLDER_THAN)
+
+    # --- searching -----------------------------------------------------------
+
+    @staticmethod
+    def _hits(data: pa.Table, score_column: str) -> list[StoredChunk]:
+        cols = {name: data[name].to_pylist() for name in [*RESULT_COLUMNS, score_column]}
+        return [
+            StoredChunk(
+                id=cols["id"][i],
+                path=cols["path"][i],
+                start_line=int(cols["start_line"][i]),
+                end_line=int(cols["end_line"][i]),
+                symbol=cols["symbol"][i] or "",
+                kind=cols["kind"][i] or "",
+                text=cols["text"][i] or "",
+                score=float(cols[score_column][i]),
+            )
+            for i in range(data.num_rows)
+        ]
+
+    def search_lexical(self, terms: Sequence[str], limit: int) -> list[StoredChunk]:
+        """BM25 over the identifier-split text; `terms` are already split and lowercase."""
+        if not terms or limit <= 0:
+            return []
+        from lancedb.query import MatchQuery
+
+        query = MatchQuery(" ".join(terms), "search_text")  # type: ignore[call-arg]
+        data = (
+            self.table.search(query, query_type="fts")
+            .select([*RESULT_COLUMNS, "_score"])
+            .limit(limit)
+            .to_arrow()
+        )
+        return self._hits(data, "_score")
+
+    def search_vector(self, vector: np.ndarray, limit: int) -> list[StoredChunk]:
+        """Nearest chunks by cosine distance (empty for a lexical-only index)."""
+        if self.vector_dim is None or limit <= 0:
+            return []
+        query = (
+            self.table.search(np.asarray(vector, dtype=np.float32), vector_column_name="vector")
+            .distance_type("cosine")
+            .select([*RESULT_COLUMNS, "_distance"])
+            .limit(limit)
+        )
+        if self._has_vector_index:
+            query = query.nprobes(max(8, self._vector_partitions // 8))
+        return self._hits(query.to_arrow(), "_distance")

@@ -1,0 +1,144 @@
+"""The workspace index: started after `initialized`, fed by file events and edits,
+reporting `$/progress`; its retriever is the completion engine's context source."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from lsprotocol import types
+from pygls.uris import to_fs_path
+
+from exlsp.server.lsp import ExlspServer
+
+log = logging.getLogger(__name__)
+
+_WATCH_ID = "exlsp-watched-files"
+
+
+def _root(ls: ExlspServer) -> Path | None:
+    try:
+        folders = ls.workspace.folders
+        root_uri = ls.workspace.root_uri
+    except Exception:
+        return None
+    uri = next(iter(folders.values())).uri if folders else root_uri
+    path = to_fs_path(uri) if uri else None
+    return Path(path) if path and Path(path).is_dir() else None
+
+
+def _client_watches_files(ls: ExlspServer) -> bool:
+    ws = ls.client_capabilities.workspace
+    watched = ws.did_change_watched_files if ws else None
+    return bool(watched and watched.dynamic_registration)
+
+
+class ProgressReporter:
+    """Index progress (from the index thread) as `$/progress` on the event loop."""
+
+    def __init__(self, ls: ExlspServer, loop: asyncio.AbstractEventLoop) -> None:
+        self.ls = ls
+        self.loop = loop
+        self.supported = bool(
+            ls.client_capabilities.window and ls.client_capabilities.window.work_done_progress
+        )
+        self._tokens: dict[str, str] = {}
+
+    def __call__(self, event: Any) -> None:
+        if self.supported and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._send(event)))
+
+    async def _send(self, event: Any) -> None:
+        progress = self.ls.work_done_progress
+        try:
+            if event.kind == "begin":
+                token = f"exlsp-{event.token}-{id(event)}"
+                self._tokens[event.token] = token
+                # Shielded: cancelling an await on a client request upsets pygls 2.1.
+                await asyncio.shield(progress.create_async(token))
+                progress.begin(
+                    token,
+                    types.WorkDoneProgressBegin(
+                        title=event.title, message=event.message, percentage=event.percentage
+                    ),
+                )
+                return
+            known = self._tokens.get(event.token)
+            if known is None:
+                return
+            token = known
+            if event.kind == "report":
+                progress.report(
+                    token,
+                    types.WorkDoneProgressReport(
+                        message=event.message, percentage=event.percentage
+                    ),
+                )
+            else:
+                progress.end(token, types.WorkDoneProgressEnd(message=event.message))
+                self._tokens.pop(event.token, None)
+        except Exception as e:
+            log.debug("progress not sent: %s", e)
+
+
+async def start_index(ls: ExlspServer) -> None:
+    """Start (or restart) the index for the workspace; no-op when disabled or no root."""
+    stop_index(ls)
+    config = ls.config.index
+    root = _root(ls)
+    if not config.enabled or root is None:
+        ls.context_source = None
+        return
+    from exlsp.index.retrieve import WorkspaceRetriever
+    from exlsp.index.service import WorkspaceIndex
+
+    editor_events = _client_watches_files(ls)
+    if editor_events:
+        try:
+            await asyncio.shield(
+                ls.client_register_capability_async(
+                    types.RegistrationParams(
+                        registrations=[
+                            types.Registration(
+                                id=_WATCH_ID,
+                                method=types.WORKSPACE_DID_CHANGE_WATCHED_FILES,
+                                register_options=types.DidChangeWatchedFilesRegistrationOptions(
+                                    watchers=[types.FileSystemWatcher(glob_pattern="**/*")]
+                                ),
+                            )
+                        ]
+                    )
+                )
+            )
+        except Exception as e:
+            log.warning("the client refused file watching (%s); using watchdog", e)
+            editor_events = False
+    reporter = ProgressReporter(ls, asyncio.get_running_loop())
+    try:
+        index = WorkspaceIndex(root, config, reporter, use_watchdog=not editor_events)
+        index.start()
+    except Exception as e:
+        ls.show_once(f"exlsp: the workspace index is disabled: {e}", types.MessageType.Warning)
+        ls.context_source = None
+        return
+    ls.index = index
+    ls.context_source = WorkspaceRetriever(index, config)
+    log.info("indexing %s (%s)", root, "editor file events" if editor_events else "watchdog")
+
+
+def stop_index(ls: ExlspServer) -> None:
+    index = ls.index
+    ls.index = None
+    if index is not None:
+        index.stop()
+
+
+def register(server: ExlspServer) -> None:
+    @server.feature(types.WORKSPACE_DID_CHANGE_WATCHED_FILES)
+    def did_change_watched_files(
+        ls: ExlspServer, params: types.DidChangeWatchedFilesParams
+    ) -> None:
+        if ls.index is not None:
+            ls.index.file_events((c.uri, int(c.type)) for c in params.changes)
