@@ -41,7 +41,14 @@ test("wire keys are the server's sections, never the client-only ones", () => {
 
 test("defaults map to the full nested tree", () => {
   const tree = buildWireConfig(wireSettingKeys(packageJson), reader());
-  assert.deepEqual(Object.keys(tree).sort(), ["completion", "logging", "model"]);
+  assert.deepEqual(Object.keys(tree).sort(), [
+    "codeActions",
+    "completion",
+    "hover",
+    "index",
+    "logging",
+    "model",
+  ]);
   assert.equal(tree.model.path, "");
   assert.equal(tree.model.backend, "transformers");
   assert.equal(tree.model.maxSeqLen, 8192);
@@ -49,6 +56,8 @@ test("defaults map to the full nested tree", () => {
   assert.equal(tree.completion.maxTokens, 128);
   assert.equal(tree.completion.multiline, "auto");
   assert.equal(tree.logging.level, "info");
+  assert.equal(tree.hover.deadlineMs, 2000);
+  assert.equal(tree.index.maxFileBytes, 1000000);
   assert.equal(Object.keys(tree.completion).length, 15);
   assert.equal(Object.keys(tree.model).length, 10);
 });
