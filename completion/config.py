@@ -34,6 +34,27 @@ class ModelConfig:
     ngramDraft: bool = False
     # CPU threads for the transformers backend (0: torch's default).
     threads: int = 0
+    # openai: the OpenAI-compatible server's base URL, e.g. "http://gpu-pool:8000/v1".
+    # `path` is then optional: the served model's tokenizer directory, for exact
+    # token budgets and token-id prompts (without it, budgets are estimated from characters).
+    baseUrl: str = ""
+    # openai: the model name sent with each request ("": the server's first model).
+    remoteModel: str = ""
+    # openai: API key. Prefer `apiKeyEnv`: settings files get shared, environments less so.
+    apiKey: str = field(default="", repr=False)
+    # openai: environment variable read for the API key when `apiKey` is empty.
+    apiKeyEnv: str = "EXLSP_API_KEY"
+    # openai: "tokens" (token-id prompts: vLLM, llama.cpp, SGLang; needs `path`),
+    # "text" (any server, TabbyAPI included) or "auto" (tokens when `path` is set).
+    promptFormat: str = "auto"
+    # openai: check the server's TLS certificate; `caFile`: a PEM bundle of a private CA.
+    verifyTls: bool = True
+    caFile: str = ""
+    connectTimeoutMs: int = 3000
+    # openai: the longest silence allowed while a reply streams.
+    readTimeoutMs: int = 10000
+    # openai: ask llama.cpp's server to keep the prompt's KV cache (`cache_prompt`).
+    cachePrompt: bool = True
 
 
 @dataclass

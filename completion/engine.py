@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from exlsp.completion.backends.base import GenerationJob
+from exlsp.completion.backends.base import BackendUnavailable, GenerationJob
 from exlsp.completion.config import CompletionConfig
 from exlsp.completion.fim import FimTokens
 from exlsp.completion.postprocess import FilterContext, decide_multiline, postprocess
@@ -280,6 +280,9 @@ class CompletionEngine:
         if stats.source != "attached":
             stats.reused_tokens = job_stats.reused_tokens
             stats.prefilled_tokens = job_stats.prefilled_tokens
+            stats.reuse_known = job_stats.reuse_known
+            # The backend's count where it has one: a remote server counts exactly.
+            stats.prompt_tokens = job_stats.prompt_tokens or stats.prompt_tokens
             stats.ttft_ms = job_stats.ttft_ms
             if gen.handle.started is not None:
                 stats.queue_ms = (gen.handle.started - gen.handle.submitted) * 1000
@@ -362,6 +365,8 @@ class CompletionEngine:
                 loop = asyncio.get_running_loop()
                 gen.grace = loop.call_later(self.config.attachGraceMs / 1000, gen.cancel)
             raise
+        except BackendUnavailable:
+            raise  # reported by the backend and the service, once per problem
         except Exception as e:
             log.warning("generation failed: %s", e)
             raise

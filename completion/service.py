@@ -11,7 +11,7 @@ import logging
 import time
 from pathlib import Path
 
-from exlsp.completion.backends.base import Backend
+from exlsp.completion.backends.base import Backend, BackendUnavailable
 from exlsp.completion.config import CompletionConfig, EngineConfig, ModelConfig
 from exlsp.completion.engine import CompletionEngine, PartialCallback
 from exlsp.completion.fim import resolve_template
@@ -50,6 +50,19 @@ def create_backend(model: ModelConfig) -> Backend:
     """Load the configured backend. Blocking: call it on the backend worker thread."""
     if model.backend not in BACKENDS:
         raise ModelLoadError(f"unknown backend {model.backend!r}; one of {', '.join(BACKENDS)}")
+    if model.backend == "openai":
+        # A remote server: `path` is only the served model's tokenizer, and optional.
+        from exlsp.completion.backends.openai_backend import (
+            RemoteConfigError,
+            load_openai_backend,
+        )
+
+        try:
+            return load_openai_backend(model)
+        except RemoteConfigError as e:
+            raise ModelLoadError(str(e)) from e
+        except Exception as e:
+            raise ModelLoadError(f"cannot start the openai backend: {e}") from e
     path = resolve_model_dir(model)
     try:
         if model.backend == "transformers":
@@ -122,7 +135,12 @@ class CompletionService:
         if self.engine is None or not self.config.completion.enabled:
             reason = self.error if self.state == "error" else f"model {self.state}"
             return CompletionResult([], CompletionStats(source="empty"), error=reason)
-        return await self.engine.complete(request, on_partial)
+        try:
+            return await self.engine.complete(request, on_partial)
+        except BackendUnavailable as e:
+            # A remote outage: an empty answer with the reason, for the status line.
+            stats = CompletionStats(source="error", stop_reason="unavailable")
+            return CompletionResult([], stats, error=str(e))
 
     def reconfigure(self, completion: CompletionConfig) -> None:
         self.config = dataclasses.replace(self.config, completion=completion)

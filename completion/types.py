@@ -53,6 +53,9 @@ class KvReuseStats:
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
     stop_reason: str = ""  # "eos", "stop", "max_tokens", "deadline", "cancelled", "error"
+    # False when the KV cache is a remote server's that did not report its reuse:
+    # reused_tokens is then 0 and prefilled_tokens the whole prompt, as unknowns.
+    reuse_known: bool = True
 
 
 @dataclass
@@ -71,6 +74,7 @@ class CompletionStats:
     stop_reason: str = ""
     multiline: bool = False
     snippet_tokens: int = 0
+    reuse_known: bool = True  # see KvReuseStats.reuse_known
 
 
 @dataclass(frozen=True)

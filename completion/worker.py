@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-from exlsp.completion.backends.base import Backend, GenerationJob
+from exlsp.completion.backends.base import Backend, BackendUnavailable, GenerationJob
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,8 @@ class BackendWorker:
                 handle.started = time.perf_counter()
                 for token in backend.stream(job):
                     handle._put(token)
+        except BackendUnavailable as e:
+            error = e  # an expected outage: the backend logged it, once
         except BaseException as e:
             log.exception("generation failed")
             error = e

@@ -25,7 +25,10 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "backend"): ("transformers", "exllamav2", "openai", "instant"),
     ("model", "dtype"): ("auto", "float32", "float16", "bfloat16"),
     ("model", "cacheType"): ("fp16", "q8", "q6", "q4"),
+    ("model", "promptFormat"): ("auto", "tokens", "text"),
 }
+# Values never echoed in messages.
+_SECRETS = {("model", "apiKey")}
 # Integers that must be positive; the others must be >= 0.
 _POSITIVE = {
     "prefixTokens",
@@ -36,6 +39,8 @@ _POSITIVE = {
     "deadlineMs",
     "typeAheadEntries",
     "maxSeqLen",
+    "connectTimeoutMs",
+    "readTimeoutMs",
 }
 
 
@@ -118,7 +123,10 @@ def merge(obj: Any, wire: Any, path: str = "") -> tuple[Any, list[str]]:
         try:
             changes[key] = _check(path, key, hints[key], value)
         except ValueError as e:
-            errors.append(f"{where}: {e} (got {value!r}); keeping {current!r}")
+            if (path, key) in _SECRETS:
+                errors.append(f"{where}: {e}; keeping the previous value")
+            else:
+                errors.append(f"{where}: {e} (got {value!r}); keeping {current!r}")
     return dataclasses.replace(obj, **changes), errors
 
 

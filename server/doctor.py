@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -303,11 +304,70 @@ def _load_rows(report: DoctorReport, model: ModelConfig, path: Path) -> None:
         backend.close()
 
 
+def _remote_rows(report: DoctorReport, model: ModelConfig, load: bool) -> None:
+    """The openai backend: the server, the key's source, the prompt format, one completion."""
+    from exlsp.completion.backends.base import GenerationJob
+    from exlsp.completion.backends.openai_backend import estimate_note, load_openai_backend
+
+    report.add("server", model.baseUrl or "(model.baseUrl not set)")
+    if model.apiKey:
+        report.add("API key", "from model.apiKey")
+    elif model.apiKeyEnv and os.environ.get(model.apiKeyEnv):
+        report.add("API key", f"from ${model.apiKeyEnv}")
+    else:
+        report.add("API key", "none")
+    try:
+        backend = load_openai_backend(model)
+    except Exception as e:
+        report.add("reachable", "not tried")
+        report.fail(str(e))
+        return
+    try:
+        report.add("model", backend.model_name or "(the server's default)")
+        report.add(
+            "prompts",
+            f"{backend.prompt_format}; token counts {estimate_note(backend.exact_tokens)}",
+        )
+        if backend.health.problem is not None:
+            report.add("reachable", f"no: {backend.health.problem}")
+            report.fail(backend.health.problem)
+            return
+        if not load:
+            report.add("answers", "not tried (--no-load)")
+            report.serving = f"the openai backend is configured for {backend.display_url}"
+            return
+        t0 = time.perf_counter()
+        job = GenerationJob(
+            prompt=backend.tokenizer.encode("def hello():\n    return"),
+            stop_ids=frozenset(),
+            max_tokens=4,
+            deadline=time.monotonic() + 30,
+        )
+        try:
+            text = backend.tokenizer.decode(list(backend.stream(job)))
+        except Exception as e:
+            report.add("answers", f"no: {e}")
+            report.fail(str(e))
+            return
+        report.add("answers", f"yes, {len(text)} characters in {time.perf_counter() - t0:.2f} s")
+        served = backend.model_name or "a model"
+        report.serving = f"the openai backend serves {served} from {backend.display_url}"
+    finally:
+        backend.close()
+
+
 def run_doctor(model: ModelConfig, out: TextIO = sys.stdout, *, load: bool = True) -> int:
     """Print the diagnosis for `model`; 0 when its backend can run here, else 1."""
     report = DoctorReport()
     report.add("exlsp", _version("exlsp"))
     report.add("python", sys.version.split()[0])
+    if model.backend == "openai":
+        # A remote server: nothing about this machine's GPU matters.
+        report.add("backend", model.backend)
+        _remote_rows(report, model, load)
+        out.write(report.render())
+        out.flush()
+        return 0 if report.problem is None else 1
     has_gpu = _machine_rows(report)
     _exllamav2_rows(report, has_gpu, wanted=model.backend == "exllamav2")
     report.add("backend", model.backend)

@@ -115,6 +115,7 @@ class ExlspServer(LanguageServer):
         self.loop_thread: int | None = None
         self._load_task: asyncio.Task[None] | None = None
         self._shown: set[str] = set()
+        self._backend_problem: str | None = None
         self.last_latency_ms: float | None = None
         self.client_log = ClientLogHandler(self)
         self.client_log.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -177,7 +178,17 @@ class ExlspServer(LanguageServer):
         t0 = time.perf_counter()
         result = await service.complete(CompletionRequest(view, trigger), on_partial)
         self.last_latency_ms = (time.perf_counter() - t0) * 1000
-        if result.suggestions:
+        if result.error and result.stats.source == "error":
+            # The backend cannot serve now (a remote server is down): one status per
+            # change of problem and one popup per distinct problem, not one per keystroke.
+            if result.error != self._backend_problem:
+                self._backend_problem = result.error
+                self.show_once(f"exlsp: {result.error}", types.MessageType.Warning)
+                self.send_status("error", result.error)
+        elif result.suggestions or (
+            self._backend_problem is not None and result.stats.source == "model"
+        ):
+            self._backend_problem = None
             self.send_status("ready", "")  # carries the latency to status bars
         return result
 

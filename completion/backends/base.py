@@ -18,6 +18,18 @@ from exlsp.completion.tokenizer import Tokenizer
 from exlsp.completion.types import KvReuseStats
 
 
+class BackendUnavailable(RuntimeError):
+    """The backend cannot serve now (a remote server is down, refuses or answers garbage).
+
+    The message is for the user; `retry_in` is how long, in seconds, the backend
+    answers every job with this error before it tries again.
+    """
+
+    def __init__(self, message: str, retry_in: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_in = retry_in
+
+
 @dataclass
 class GenerationJob:
     prompt: Sequence[int]
