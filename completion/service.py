@@ -148,6 +148,8 @@ class CompletionService:
             self.engine.reconfigure(completion)
 
     def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
         if self.worker is not None:
             self.worker.close()
             self.worker = None

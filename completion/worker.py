@@ -112,6 +112,12 @@ class BackendWorker:
 
     # -- generation ------------------------------------------------------------
 
+    @property
+    def idle(self) -> bool:
+        """No job runs or waits."""
+        with self._lock:
+            return not self._live
+
     def submit(self, job: GenerationJob, background: bool = False) -> GenerationHandle:
         """Queue `job`; the latest request wins.
 

@@ -192,3 +192,77 @@ async def test_background_jobs_yield_to_completions(make_engine) -> None:  # typ
     assert done.stats.stop_reason != "cancelled"
     await later.done
     assert later.job.stats.generated_tokens == 3
+
+
+class SlowContext:
+    """Snippets after `delay_s`; counts the fetches that finish and those that start."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.started = 0
+        self.finished = 0
+
+    async def snippets(self, document: DocumentView, budget_chars: int) -> list[Snippet]:
+        self.started += 1
+        await asyncio.sleep(self.delay_s)
+        self.finished += 1
+        return [Snippet("util.py", f"def helper_{self.started}():\n    pass\n")]
+
+
+async def test_a_cancelled_request_leaves_its_snippet_fetch_to_the_next(make_engine) -> None:  # type: ignore[no-untyped-def]
+    ctx = SlowContext(0.2)
+    engine, backend = await make_engine(lambda p: "pass\n", context=ctx)
+    lines = split_lines("x = 1\n" * 20)
+    first = asyncio.create_task(
+        engine.complete(CompletionRequest(DocumentView("u", list(lines), 5, 0, "python")))
+    )
+    await asyncio.sleep(0.05)
+    first.cancel()  # the editor moved on while the snippets were being fetched
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    lines[5] = "y\n"
+    result = await engine.complete(
+        CompletionRequest(DocumentView("u", list(lines), 5, 1, "python"))
+    )
+    assert result.stats.source == "model"
+    assert ctx.started == 1  # the second request waited for the first one's fetch
+    assert "helper_1" in backend.tokenizer.decode(backend.jobs[-1].prompt)
+
+
+async def test_snippets_refresh_while_idle_and_the_new_prompt_is_prefilled(make_engine) -> None:  # type: ignore[no-untyped-def]
+    ctx = CountingContext()
+    engine, backend = await make_engine(lambda p: "pass\n", context=ctx, snippetRefreshIdleMs=100)
+    lines = split_lines("x = 1\n" * 20)
+    lines[5] = "y = \n"
+    await engine.complete(CompletionRequest(DocumentView("u", lines, 5, 4, "python")))
+    assert ctx.calls == 1
+    await asyncio.sleep(0.4)  # idle: the snippets are fetched again, the prompt prefilled
+    assert ctx.calls == 2
+    assert engine.warmups == 1
+    warm = backend.jobs[-1]
+    assert warm.max_tokens == 1
+    assert "helper_2" in backend.tokenizer.decode(warm.prompt)
+    lines[5] = "y = 2\n"
+    result = await engine.complete(CompletionRequest(DocumentView("u", lines, 5, 5, "python")))
+    assert "helper_2" in backend.tokenizer.decode(backend.jobs[-1].prompt)
+    # The warm-up paid for the new snippets: this keystroke prefills only what was typed.
+    assert result.stats.prefilled_tokens == 1
+    assert result.stats.reused_tokens == result.stats.prompt_tokens - 1
+
+
+async def test_snippets_stay_fixed_while_typing_even_if_an_idle_fetch_ends(make_engine) -> None:  # type: ignore[no-untyped-def]
+    ctx = SlowContext(0.3)
+    engine, backend = await make_engine(lambda p: "pass\n", context=ctx, snippetRefreshIdleMs=60)
+    lines = split_lines("x = 1\n" * 20)
+    lines[5] = "y = \n"
+    await engine.complete(CompletionRequest(DocumentView("u", lines, 5, 4, "python")))
+    await asyncio.sleep(0.1)  # a short pause: an idle fetch starts
+    assert ctx.started == 2
+    for n in range(12):  # typing resumes, faster than the idle time, past the fetch's end
+        lines[5] = "y = " + "z" * (n + 1) + "\n"
+        await engine.complete(CompletionRequest(DocumentView("u", lines, 5, 5 + n, "python")))
+        await asyncio.sleep(0.04)
+    assert ctx.finished == 2
+    prompts = [backend.tokenizer.decode(j.prompt) for j in backend.jobs]
+    assert all("helper_1" in p and "helper_2" not in p for p in prompts)
+    assert engine.warmups == 0
