@@ -82,7 +82,6 @@ _PY_BLOCK_HEADER = re.compile(
 _CASE_LABEL = re.compile(r"\s*(?:case\b|default\s*:)")
 _WORD_OPENER = re.compile(r"(?:^|\W)(?:do|then)$")
 _LEADING_WORD = re.compile(r"[A-Za-z_]\w*")
-_SINGLE_WORD_LINE = re.compile(r"\s*\w+[:;]?")
 # Lines that close a block on their own.
 _CLOSING_WORDS = frozenset({"end", "fi", "done", "esac"})
 # Lines at a block's own level that continue the statement (`else:`, `case 1:`),
@@ -299,7 +298,8 @@ class _ContextFacts:
     suffix_text: str
     suffix_starts_with_closer: bool
     next_line: str | None
-    next_line_exact: bool
+    # The first two non-blank lines after the cursor line, trailing spaces stripped.
+    lines_below: tuple[str, ...]
     syntax: _Syntax
     cursor_state: _ScanState
     open_at_cursor: tuple[str, ...]
@@ -308,22 +308,64 @@ class _ContextFacts:
     suffix_head: str
 
 
+def _line_brackets(line: str, syntax: _Syntax) -> tuple[list[str], int]:
+    """A line on its own: the openers it leaves open (in order) and how many
+    closers it has that close something before it."""
+    openers: list[str] = []
+    closers = 0
+    for _, ch in _code_brackets(line, syntax, _ScanState(), complete=True):
+        if ch in _OPENERS:
+            openers.append(ch)
+        elif openers:
+            if openers[-1] == _MATCHING_OPENER[ch]:
+                openers.pop()
+        else:
+            closers += 1
+    return openers, closers
+
+
+def _open_above(lines_before: Sequence[str], syntax: _Syntax) -> list[str]:
+    """Brackets opened in the lines above the cursor line and still open there.
+
+    Each line is scanned on its own (the window may start inside a string, where
+    one scan from its top would misread everything after), from the nearest line
+    up: a line's open brackets are first closed by the closers of the lines
+    below it.
+    """
+    stack: list[str] = []  # outermost first
+    pending = 0  # closers below that close brackets of lines further up
+    for line in reversed(lines_before):
+        openers, closers = _line_brackets(line, syntax)
+        still_open: list[str] = []
+        for ch in reversed(openers):
+            if pending:
+                pending -= 1
+            else:
+                still_open.append(ch)
+        stack = still_open[::-1] + stack
+        pending += closers
+    return stack
+
+
+def _closed_below(lines_after: Sequence[str], syntax: _Syntax) -> int:
+    """How many brackets open at the cursor the lines below the cursor line close."""
+    opened = 0  # opened below and not closed yet
+    closed = 0
+    for line in lines_after:
+        openers, closers = _line_brackets(line, syntax)
+        matched = min(opened, closers)
+        opened += len(openers) - matched
+        closed += closers - matched
+    return closed
+
+
 def _derive_facts(ctx: FilterContext) -> _ContextFacts:
     prefix = ctx.line_prefix
     prefix_blank = not prefix.strip()
     indent = len(prefix) if prefix_blank else _indent_width(prefix)
 
-    next_line: str | None = None
-    for line in ctx.lines_after:
-        if line.strip():
-            next_line = line.rstrip()
-            break
-    # Bare closers and single keywords ("}", "end", "else:") also occur nested
-    # inside what the model writes: compare those with their indentation.
-    exact = next_line is not None and (
-        not any(ch.isalnum() for ch in next_line)
-        or _SINGLE_WORD_LINE.fullmatch(next_line) is not None
-    )
+    below = [line.rstrip() for line in ctx.lines_after if line.strip()][:2]
+    next_line = below[0] if below else None
 
     syntax = _syntax(ctx.language)
     state = _ScanState()
@@ -347,7 +389,12 @@ def _derive_facts(ctx: FilterContext) -> _ContextFacts:
             if not closed_by_suffix:
                 suffix_head = ctx.line_suffix[: index + 1].lstrip()
             closed_by_suffix += 1
-    open_at_cursor = tuple(prefix_stack[: max(0, len(prefix_stack) - closed_by_suffix)])
+    own = prefix_stack[: max(0, len(prefix_stack) - closed_by_suffix)]
+    # Brackets left open by the lines above count too, unless the lines below
+    # close them (after the cursor line's own, which they close first).
+    above = _open_above(ctx.lines_before, syntax)
+    spare = max(0, _closed_below(ctx.lines_after, syntax) - len(own))
+    open_at_cursor = (*above[: max(0, len(above) - spare)], *own)
 
     suffix_text = ctx.line_suffix.strip()
     return _ContextFacts(
@@ -357,7 +404,7 @@ def _derive_facts(ctx: FilterContext) -> _ContextFacts:
         suffix_text=suffix_text,
         suffix_starts_with_closer=bool(suffix_text) and suffix_text[0] in _CLOSERS,
         next_line=next_line,
-        next_line_exact=exact,
+        lines_below=tuple(below),
         syntax=syntax,
         cursor_state=cursor_state,
         open_at_cursor=open_at_cursor,
@@ -532,21 +579,61 @@ def scope_end(text: str, ctx: FilterContext) -> str:
     return text
 
 
-def _same_as_next_line(line: str, facts: _ContextFacts) -> bool:
-    if facts.next_line is None:
-        return False
-    if facts.next_line_exact:
-        return line.rstrip() == facts.next_line
-    return line.strip() == facts.next_line.strip()
+def _repeat_of_lines_below(text: str, ctx: FilterContext) -> int | None:
+    """Where `text` starts repeating the code below the cursor, if it does.
+
+    A complete generated line equal to the first non-blank line below (with its
+    indentation) starts a repeat when the next non-blank generated line equals
+    the second non-blank line below, or when nothing follows it in a complete
+    text, or when there is no second line below. One equal line alone is not
+    enough: a statement often occurs twice in a row of code (``x.append(c)`` in
+    two branches). While the next line is unfinished the answer waits.
+    """
+    facts = ctx._facts
+    below = facts.lines_below
+    spans: list[tuple[int, int, bool]] = []  # (start, end, complete) of each line
+    start = 0
+    while True:
+        newline = text.find("\n", start)
+        if newline < 0:
+            spans.append((start, len(text), ctx.text_complete))
+            break
+        spans.append((start, newline, True))
+        start = newline + 1
+    for i, (start, end, complete) in enumerate(spans):
+        if not complete:
+            return None
+        line = text[start:end]
+        if i == 0:
+            if not facts.prefix_blank:
+                continue
+            line = ctx.line_prefix + line
+        if line.rstrip() != below[0]:
+            continue
+        if len(below) < 2:
+            return start
+        for next_start, next_end, next_complete in spans[i + 1 :]:
+            following = text[next_start:next_end]
+            if not following.strip() and next_complete:
+                continue  # blank lines never decide
+            if not next_complete:
+                return None
+            if following.rstrip() == below[1]:
+                return start
+            break
+        else:
+            return start
+    return None
 
 
 def suffix_overlap(text: str, ctx: FilterContext) -> str:
     """Drop text that repeats what follows the cursor.
 
-    (b) In multi-line mode, cut from the first complete generated line that
-    equals the first non-blank line after the cursor (stripped; bare closers
-    and single keywords with their indentation): the model began repeating the
-    code below. The first generated line counts when the cursor line was blank.
+    (b) In multi-line mode, cut where the generated lines start repeating the
+    code below the cursor: a complete line equal, indentation included, to the
+    first non-blank line below, confirmed by the next one (see
+    `_repeat_of_lines_below`). The first generated line counts when the cursor
+    line was blank.
     (a) Once the text is complete: if its last non-blank line ends with the
     stripped rest of the cursor line, cut that repetition, so accepting does not
     duplicate it (the end of the first line, in single-line mode) -- provided
@@ -556,22 +643,9 @@ def suffix_overlap(text: str, ctx: FilterContext) -> str:
     """
     facts = ctx._facts
     if ctx.multiline and facts.next_line is not None:
-        start = 0
-        n = len(text)
-        while True:
-            newline = text.find("\n", start)
-            if newline < 0 and not ctx.text_complete:
-                break
-            end = n if newline < 0 else newline
-            line = text[start:end]
-            if start == 0:
-                if facts.prefix_blank and _same_as_next_line(ctx.line_prefix + line, facts):
-                    return ""
-            elif _same_as_next_line(line, facts):
-                return text[:start]
-            if newline < 0:
-                break
-            start = newline + 1
+        cut = _repeat_of_lines_below(text, ctx)
+        if cut is not None:
+            return text[:cut]
 
     suffix = facts.suffix_text
     if ctx.text_complete and suffix:
