@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 COMMAND = "exlsp.applyRefactor"
 _KINDS = {False: types.CodeActionKind.RefactorRewrite, True: types.CodeActionKind.RefactorExtract}
+# How long a refactor waits for the client to accept its progress token.
+PROGRESS_CREATE_TIMEOUT_S = 0.5
 
 
 def actions_config(ls: ExlspServer) -> CodeActionsConfig:
@@ -126,9 +128,14 @@ class _Progress:
         token = f"exlsp-refactor-{uuid.uuid4().hex}"
         try:
             # Shielded: cancelling a task that awaits a client request upsets pygls 2.1.
-            await asyncio.shield(self.ls.work_done_progress.create_async(token))
+            # Bounded: Helix reads nothing from the server while it waits for
+            # codeAction/resolve, so it answers this request only after giving up.
+            await asyncio.wait_for(
+                asyncio.shield(self.ls.work_done_progress.create_async(token)),
+                PROGRESS_CREATE_TIMEOUT_S,
+            )
         except Exception as e:
-            log.debug("work done progress refused: %s", e)
+            log.debug("work done progress refused or unanswered: %r", e)
             return
         self.token = token
         self.ls.work_done_progress.begin(
