@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import threading
 import time
 import types as pytypes
 from importlib import metadata
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams
+from pygls.io_ import StdinAsyncReader, StdoutWriter, run_async
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.language_server import lsp_method
@@ -101,6 +103,32 @@ class ClientLogHandler(logging.Handler):
             )
 
 
+class PipeReader:
+    """stdin as an asyncio stream: what pygls' message loop reads from."""
+
+    def __init__(self, stream: asyncio.StreamReader) -> None:
+        self._stream = stream
+
+    @classmethod
+    async def open(cls, pipe: BinaryIO) -> PipeReader:
+        loop = asyncio.get_running_loop()
+        stream = asyncio.StreamReader(limit=1 << 20)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stream), pipe)
+        return cls(stream)
+
+    async def readline(self) -> bytes:
+        try:
+            return await self._stream.readline()
+        except ValueError:  # a header line over the limit: not LSP; end like EOF
+            return b""
+
+    async def readexactly(self, n: int) -> bytes:
+        try:
+            return await self._stream.readexactly(n)
+        except asyncio.IncompleteReadError:  # EOF inside a body: the client is gone
+            return b""
+
+
 class ExlspServer(LanguageServer):
     def __init__(self) -> None:
         super().__init__("exlsp", __version__, protocol_cls=ExlspProtocol)
@@ -119,6 +147,43 @@ class ExlspServer(LanguageServer):
         self.last_latency_ms: float | None = None
         self.client_log = ClientLogHandler(self)
         self.client_log.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    # -- transport ----------------------------------------------------------------
+
+    def start_io(self, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> None:
+        """Serve LSP on stdio, reading stdin on the event loop.
+
+        pygls reads stdin through its thread pool, one hand-off per header line and
+        one per body: three thread round trips per message, on every keystroke. A
+        pipe read by the event loop needs none. Where stdin is not a pipe (a file,
+        say), pygls' own reader is used.
+        """
+        stdin = stdin or sys.stdin.buffer
+        stop = self._stop_event = threading.Event()
+        self.protocol.set_writer(StdoutWriter(stdout or sys.stdout.buffer))
+
+        async def serve() -> None:
+            reader: Any
+            try:
+                reader = await PipeReader.open(stdin)
+            except (ValueError, OSError):
+                reader = StdinAsyncReader(stdin, self.thread_pool)
+            await run_async(
+                stop_event=stop,
+                reader=reader,
+                protocol=self.protocol,
+                logger=log,
+                error_handler=self.report_server_error,
+            )
+
+        try:
+            asyncio.run(serve())
+        except BrokenPipeError:
+            log.error("the connection to the client is lost; shutting down")
+        except (KeyboardInterrupt, SystemExit):
+            pass
+        finally:
+            self.shutdown()
 
     # -- positions and documents ------------------------------------------------
 
