@@ -76,8 +76,20 @@ class IndexConfig:
     # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
     embeddingDevice: str = "auto"
     embeddingBatchSize: int = 32
-    # "": a per-workspace directory under the user cache directory.
+    # "": a per-workspace directory under the user cache directory. Also an
+    # object-storage URI, "s3://bucket/prefix", to build a shared index (in CI).
     databaseDir: str = ""
+    # An index built elsewhere ("s3://bucket/prefix" or a directory), read only:
+    # files that are the same here are served from it, and only the files that
+    # differ (changed, new, deleted) are indexed in `databaseDir`, on top of it.
+    sharedIndex: str = ""
+    # Object storage: an S3-compatible endpoint ("": AWS), region and credentials;
+    # each empty one comes from the AWS environment variables (AWS_ENDPOINT_URL,
+    # AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN).
+    storageEndpoint: str = ""
+    storageRegion: str = ""
+    storageAccessKeyId: str = ""
+    storageSecretAccessKey: str = field(default="", repr=False)
     # File-change bursts (a branch switch) are gathered until this long passes
     # without a new event, then indexed as one batch.
     debounceMs: int = 300

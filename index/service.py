@@ -40,7 +40,15 @@ from exlsp.index.embed import (
 from exlsp.index.files import FileRead, Verdict, WorkspaceFiles
 from exlsp.index.lexical import query_terms
 from exlsp.index.search import SearchHit, hybrid_search
-from exlsp.index.store import ChunkStore, FileState, StoredChunk, StoreUnavailable, WriterLock
+from exlsp.index.shared import make_store
+from exlsp.index.store import (
+    ChunkStore,
+    FileState,
+    StoredChunk,
+    StoreUnavailable,
+    WriterLock,
+    store_location,
+)
 from exlsp.index.watch import ChangeKind, Debouncer, FileEvent, WorkspaceWatcher
 
 log = logging.getLogger(__name__)
@@ -149,7 +157,7 @@ class WorkspaceIndex:
         self.root = Path(root).resolve()
         self.config = config or IndexConfig()
         self.database_dir = (
-            Path(self.config.databaseDir).expanduser()
+            store_location(self.config.databaseDir)
             if self.config.databaseDir
             else default_database_dir(self.root)
         )
@@ -405,7 +413,7 @@ class WorkspaceIndex:
             fingerprint, dim = self._fingerprint()
             if not self._acquire_writer(fingerprint, dim):
                 return
-            store = ChunkStore(self.database_dir, fingerprint, dim)
+            store = make_store(self.database_dir, fingerprint, dim, self.config)
             store.open()
             self._store = store
             if self._use_watchdog:
@@ -450,7 +458,9 @@ class WorkspaceIndex:
                 return True
             if self._store is None:
                 try:
-                    store = ChunkStore(self.database_dir, fingerprint, dim, read_only=True)
+                    store = make_store(
+                        self.database_dir, fingerprint, dim, self.config, read_only=True
+                    )
                     store.open()
                     self._store = store
                     self._chunk_count = store.count_rows()

@@ -12,6 +12,11 @@ either before or after a change. Rows carry the file's content hash, mtime and
 size, which is how a restart knows what is up to date.
 
 Only the index worker thread writes; searches may come from any thread.
+
+The database may also live on object storage (``s3://bucket/prefix``, S3 or an
+S3-compatible service): LanceDB reads and writes it directly and ``meta.json``
+goes through pyarrow's S3 file system. Object storage has no lock file: one
+writer at a time (the CI job that builds a shared index), any number of readers.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import math
 import os
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -50,11 +55,82 @@ FILES_PER_COMMIT = 400
 # Older table versions are removed by optimize(); readers in other processes
 # that still hold one that old reopen.
 CLEANUP_OLDER_THAN = timedelta(minutes=1)
+# How often a reader of an index on object storage looks for a newer version.
+REMOTE_RECHECK_S = 60
 RESULT_COLUMNS = ["id", "path", "start_line", "end_line", "symbol", "kind", "text"]
 
 
 class StoreUnavailable(RuntimeError):
     """The table cannot be used (read-only open of a missing or different index)."""
+
+
+def is_uri(location: str | Path) -> bool:
+    """An object-storage URI (``s3://bucket/prefix``) rather than a local directory."""
+    return isinstance(location, str) and "://" in location and not location.startswith("file:")
+
+
+def store_location(setting: str) -> Path | str:
+    """A database setting as a local directory or an ``s3://`` URI."""
+    if is_uri(setting):
+        if not setting.startswith("s3://"):
+            raise ValueError(f"unsupported index location {setting!r}: use a directory or s3://")
+        return setting.rstrip("/")
+    return Path(setting).expanduser()
+
+
+@dataclass(frozen=True)
+class ObjectStorage:
+    """Where and as whom to reach object storage; empty fields: the AWS environment."""
+
+    endpoint: str = ""  # an S3-compatible service's URL; "": AWS itself
+    region: str = ""
+    access_key_id: str = ""
+    secret_access_key: str = field(default="", repr=False)
+    session_token: str = field(default="", repr=False)
+
+    @classmethod
+    def from_env(cls, **given: str) -> ObjectStorage:
+        """The given values, each empty one from the usual AWS environment variables."""
+        env = os.environ
+        return cls(
+            endpoint=given.get("endpoint") or env.get("AWS_ENDPOINT_URL", ""),
+            region=given.get("region")
+            or env.get("AWS_REGION", "")
+            or env.get("AWS_DEFAULT_REGION", ""),
+            access_key_id=given.get("access_key_id") or env.get("AWS_ACCESS_KEY_ID", ""),
+            secret_access_key=given.get("secret_access_key")
+            or env.get("AWS_SECRET_ACCESS_KEY", ""),
+            session_token=given.get("session_token") or env.get("AWS_SESSION_TOKEN", ""),
+        )
+
+    def lance_options(self) -> dict[str, str]:
+        pairs = {
+            "aws_endpoint": self.endpoint,
+            "aws_region": self.region,
+            "aws_access_key_id": self.access_key_id,
+            "aws_secret_access_key": self.secret_access_key,
+            "aws_session_token": self.session_token,
+        }
+        options = {k: v for k, v in pairs.items() if v}
+        if self.endpoint.startswith("http://"):
+            options["allow_http"] = "true"
+        return options
+
+    def filesystem(self) -> Any:
+        from pyarrow import fs
+
+        kwargs: dict[str, Any] = {}
+        if self.endpoint:
+            kwargs["endpoint_override"] = self.endpoint
+            kwargs["scheme"] = "http" if self.endpoint.startswith("http://") else "https"
+        if self.region:
+            kwargs["region"] = self.region
+        if self.access_key_id and self.secret_access_key:
+            kwargs["access_key"] = self.access_key_id
+            kwargs["secret_key"] = self.secret_access_key
+            if self.session_token:
+                kwargs["session_token"] = self.session_token
+        return fs.S3FileSystem(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -116,11 +192,14 @@ def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
 class WriterLock:
     """An exclusive lock on the database directory: one writing process per index."""
 
-    def __init__(self, directory: Path) -> None:
-        self._path = directory / LOCK
+    def __init__(self, directory: Path | str) -> None:
+        # Object storage has no advisory locks: its one writer is a CI job.
+        self._path = None if isinstance(directory, str) else directory / LOCK
         self._fh: Any = None
 
     def acquire(self) -> bool:
+        if self._path is None:
+            return True
         try:
             import fcntl
         except ImportError:  # no advisory locks on this platform: assume one writer
@@ -156,13 +235,16 @@ class ChunkStore:
 
     def __init__(
         self,
-        directory: Path,
+        directory: Path | str,
         fingerprint: Mapping[str, Any],
         vector_dim: int | None,
         *,
         read_only: bool = False,
+        storage: ObjectStorage | None = None,
     ) -> None:
         self.directory = directory
+        self.remote = is_uri(directory)
+        self.storage = storage or (ObjectStorage.from_env() if self.remote else None)
         self.fingerprint = {"schema": SCHEMA_VERSION, **fingerprint, "dim": vector_dim}
         self.vector_dim = vector_dim
         self.read_only = read_only
@@ -182,9 +264,21 @@ class ChunkStore:
         os.environ.setdefault("LANCEDB_LOG", "error")
         import lancedb
 
-        self.directory.mkdir(parents=True, exist_ok=True)
-        consistency = timedelta(seconds=2) if self.read_only else None
-        self._db = lancedb.connect(str(self.directory), read_consistency_interval=consistency)
+        options: dict[str, str] = {}
+        if isinstance(self.directory, Path):
+            self.directory.mkdir(parents=True, exist_ok=True)
+        elif self.storage is not None:
+            options = self.storage.lance_options()
+        # A reader looks for new versions now and then; on object storage each look
+        # is a request, and a shared index changes when CI rebuilds it.
+        consistency = None
+        if self.read_only:
+            consistency = timedelta(seconds=REMOTE_RECHECK_S if self.remote else 2)
+        self._db = lancedb.connect(
+            str(self.directory),
+            read_consistency_interval=consistency,
+            storage_options=options or None,
+        )
         meta = self._read_meta()
         matches = meta is not None and meta.get("fingerprint") == self.fingerprint
         if self.read_only:
@@ -211,10 +305,31 @@ class ChunkStore:
 
     def _read_meta(self) -> dict[str, Any] | None:
         try:
-            data = json.loads((self.directory / META).read_text())
+            if isinstance(self.directory, Path):
+                text = (self.directory / META).read_text()
+            else:
+                text = self._remote_read(META)
+            data = json.loads(text)
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) else None
+
+    def _remote_path(self, name: str) -> str:
+        return f"{str(self.directory).removeprefix('s3://')}/{name}"
+
+    def _remote_read(self, name: str) -> str:
+        assert self.storage is not None
+        with self.storage.filesystem().open_input_stream(self._remote_path(name)) as f:
+            return bytes(f.read()).decode("utf-8")
+
+    def _write_meta(self, data: Mapping[str, Any]) -> None:
+        if isinstance(self.directory, Path):
+            _write_json_atomic(self.directory / META, data)
+            return
+        assert self.storage is not None
+        text = json.dumps(data, indent=2, sort_keys=True).encode("utf-8")
+        with self.storage.filesystem().open_output_stream(self._remote_path(META)) as f:
+            f.write(text)
 
     @staticmethod
     def _validate(table: Any) -> None:
@@ -229,15 +344,13 @@ class ChunkStore:
             self._db.drop_table(TABLE, ignore_missing=True)
         except Exception as exc:
             log.debug("drop_table failed (%s): removing the directory", exc)
-        shutil.rmtree(self.directory / f"{TABLE}.lance", ignore_errors=True)
-        (self.directory / META).unlink(missing_ok=True)
+        if isinstance(self.directory, Path):
+            shutil.rmtree(self.directory / f"{TABLE}.lance", ignore_errors=True)
+            (self.directory / META).unlink(missing_ok=True)
         self._table = self._db.create_table(
             TABLE, schema=schema_for(self.vector_dim), mode="overwrite"
         )
-        _write_json_atomic(
-            self.directory / META,
-            {"fingerprint": self.fingerprint, "note": "a rebuildable cache of exlsp"},
-        )
+        self._write_meta({"fingerprint": self.fingerprint, "note": "a rebuildable cache of exlsp"})
         self._has_fts = self._has_vector_index = self._has_scalar = False
 
     def _refresh_index_state(self) -> None:

@@ -28,7 +28,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "promptFormat"): ("auto", "tokens", "text"),
 }
 # Values never echoed in messages.
-_SECRETS = {("model", "apiKey")}
+_SECRETS = {("model", "apiKey"), ("index", "storageSecretAccessKey")}
 # Integers that must be positive; the others must be >= 0.
 _POSITIVE = {
     "prefixTokens",
