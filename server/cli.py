@@ -181,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"exlsp {_version()}")
     levels = ["debug", "info", "warning", "error", "critical"]
     parser.add_argument("--log-file", help="write the log to this file (default: stderr)")
-    parser.add_argument("--log-level", default="info", choices=levels)
+    # Default: info for `serve` (its log is the editor's), quiet for the one-shot
+    # commands, whose output is on stdout and whose failures exit with the reason.
+    parser.add_argument("--log-level", default=None, choices=levels)
     # The same options after the subcommand (`exlsp serve --log-level debug`).
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-file", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -228,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve" and args.tcp and ":" not in args.tcp:
         args.tcp = f"127.0.0.1:{args.tcp}"
-    setup_logging(args.log_level, args.log_file)
+    level = args.log_level or ("info" if args.command == "serve" else "critical")
+    setup_logging(level, args.log_file)
     return int(args.func(args) or 0)
 
 

@@ -1,4 +1,4 @@
-"""A small example module: `exlsp complete tests/data/example.py:14:5` completes inside it."""
+"""A small example module: `exlsp complete tests/data/example.py:14:11` completes inside it."""
 
 from dataclasses import dataclass
 
@@ -11,5 +11,9 @@ class Point:
 
 def distance(a: Point, b: Point) -> float:
     """Euclidean distance between two points."""
+    return
 
-    return ((a.x - b.x) ** 2 + (a.y - b.y) ** 2) ** 0.5
+
+def midpoint(a: Point, b: Point) -> Point:
+    """The point halfway between a and b."""
+    return Point((a.x + b.x) / 2, (a.y + b.y) / 2)
