@@ -36,6 +36,7 @@ class Received:
 class FakeOpenAIServer:
     script: Script = lambda body: [("text", "pass"), ("finish", "stop"), ("done",)]
     models: list[str] = field(default_factory=lambda: ["fake-coder"])
+    owned_by: str = "fake"  # /models' "owned_by": which server this pretends to be
     status: int = 200  # answer every request with this status when not 200
     error_body: str = '{"error": {"message": "scripted failure"}}'
     tokenize: Callable[[str], list[int]] | None = None
@@ -75,7 +76,13 @@ class FakeOpenAIServer:
                 if fake.status != 200:
                     self._json(fake.status, fake.error_body.encode())
                 elif self.path.endswith("/models"):
-                    self._json(200, {"object": "list", "data": [{"id": m} for m in fake.models]})
+                    self._json(
+                        200,
+                        {
+                            "object": "list",
+                            "data": [{"id": m, "owned_by": fake.owned_by} for m in fake.models],
+                        },
+                    )
                 else:
                     self._json(404, {"error": {"message": "not found"}})
 

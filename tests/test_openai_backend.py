@@ -161,6 +161,23 @@ async def test_typing_changes_only_the_text_after_the_middle_marker(fake, servic
     assert [p.rsplit("<|fim_middle|>", 1)[1] for p in prompts] == ["    r", "    re", "    ret"]
 
 
+@pytest.mark.parametrize(
+    ("owner", "has_cache_prompt", "has_skip_special"),
+    [("vllm", False, True), ("llamacpp", True, False), ("fake", True, True)],
+)
+async def test_each_server_gets_the_extra_fields_it_knows(  # type: ignore[no-untyped-def]
+    fake, service, tiny_model, owner, has_cache_prompt, has_skip_special
+) -> None:
+    fake.owned_by = owner
+    fake.tokenize = HfTokenizer(tiny_model).encode
+    svc = await service(model_config(fake, path=str(tiny_model)))
+    await svc.complete(req())
+    body = fake.completions[0].body
+    assert ("cache_prompt" in body) == has_cache_prompt
+    assert ("skip_special_tokens" in body) == has_skip_special
+    assert ("stop_token_ids" in body) == has_skip_special
+
+
 async def test_control_strings_in_user_text_are_broken_in_text_prompts(fake, service) -> None:  # type: ignore[no-untyped-def]
     doc = 'MARK = "<|fim_middle|>"\n\nx = \n'
     fake.script = lambda body: streamed("1")

@@ -74,6 +74,8 @@ _BACKOFF_MIN_S = 1.0
 _BACKOFF_MAX_S = 30.0
 _SILENT_LIMIT = 3  # deadlines in a row without a token before the backend backs off
 _ZWSP = "\u200b"
+# Servers that warn about request fields they do not know (llama.cpp's cache_prompt).
+_VLLM_LIKE = ("vllm", "sglang")
 _PROBE_TEXT = "def probe(x):\n    return {'k': x * 2}  # ü\n"
 
 
@@ -284,6 +286,9 @@ class OpenAIBackend:
         self._thread.start()
         self._client: Any = None
         self._requests = 0
+        # Which server answers, from /models' "owned_by" ("vllm", "llamacpp", ...):
+        # each gets only the extra fields it knows ("" = unknown: all of them).
+        self.server_kind = ""
         try:
             self._client = self._run(self._make_client(), timeout=10)
             self.model_name, context_length = self._probe_models()
@@ -478,6 +483,7 @@ class OpenAIBackend:
         context = 0
         for m in entries:
             if m["id"] == name:
+                self.server_kind = str(m.get("owned_by") or "").lower()
                 meta = m["meta"] if isinstance(m.get("meta"), dict) else {}
                 for value in (m.get("max_model_len"), meta.get("n_ctx_train")):
                     if isinstance(value, int) and value > 0:
@@ -593,15 +599,18 @@ class OpenAIBackend:
             "stream": True,
             "stream_options": {"include_usage": True},
             "n": 1,
-            # llama.cpp: keep the KV cache of the common prefix between requests.
-            "cache_prompt": bool(reuse),
-            # vLLM: keep control tokens in the text so that the stop strings see them.
-            "skip_special_tokens": False,
         }
+        kind = self.server_kind
+        if kind not in _VLLM_LIKE:
+            # llama.cpp: keep the KV cache of the common prefix between requests.
+            body["cache_prompt"] = bool(reuse)
+        if kind != "llamacpp":
+            # vLLM: keep control tokens in the text so that the stop strings see them.
+            body["skip_special_tokens"] = False
+            if self.prompt_format == "tokens" and job.stop_ids:
+                body["stop_token_ids"] = sorted(job.stop_ids)
         if stops:
             body["stop"] = stops
-        if self.prompt_format == "tokens" and job.stop_ids:
-            body["stop_token_ids"] = sorted(job.stop_ids)  # vLLM
         if self.model_name:
             body["model"] = self.model_name
         return body
