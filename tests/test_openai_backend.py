@@ -3,10 +3,12 @@ cancellation, stats, failures and back-off, keys and TLS."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -14,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_lsp
+from lsprotocol import types
+from pytest_lsp import ClientServerConfig, LanguageClient
 
 from exlsp.completion.backends.base import BackendUnavailable, GenerationJob
 from exlsp.completion.backends.openai_backend import (
@@ -506,3 +511,81 @@ def test_doctor_checks_the_server_and_one_completion(fake, monkeypatch) -> None:
     out = io.StringIO()
     assert run_doctor(model_config(fake), out) == 1
     assert "not ready: the inference server" in out.getvalue() and "HTTP 503" in out.getvalue()
+
+
+# -- over LSP: the language server stays up and says what is wrong, once ----------------------
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "_asdict"):
+        return {k: _plain(v) for k, v in value._asdict().items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+@pytest_lsp.fixture(
+    config=ClientServerConfig(server_command=[sys.executable, "-m", "exlsp.server", "serve"])
+)
+async def lsp(lsp_client: LanguageClient, fake: FakeOpenAIServer):  # type: ignore[no-untyped-def]
+    lsp_client.statuses = []  # type: ignore[attr-defined]
+
+    @lsp_client.feature("exlsp/status")
+    def status(params: Any) -> None:
+        lsp_client.statuses.append(_plain(params))  # type: ignore[attr-defined]
+
+    await lsp_client.initialize_session(
+        types.InitializeParams(
+            capabilities=types.ClientCapabilities(
+                text_document=types.TextDocumentClientCapabilities(
+                    inline_completion=types.InlineCompletionClientCapabilities(),
+                    synchronization=types.TextDocumentSyncClientCapabilities(),
+                ),
+                workspace=types.WorkspaceClientCapabilities(configuration=False),
+            ),
+            initialization_options={
+                "model": {
+                    "backend": "openai",
+                    "baseUrl": fake.base_url,  # type: ignore[attr-defined]
+                    "fimTemplate": "qwen2.5-coder",
+                },
+                "index": {"enabled": False},
+            },
+        )
+    )
+    yield
+    await lsp_client.shutdown_session()
+
+
+async def test_an_editor_sees_one_status_per_problem_and_the_recovery(lsp, fake) -> None:  # type: ignore[no-untyped-def]
+    client: LanguageClient = lsp
+    limit = time.monotonic() + 30
+    while _plain(await client.protocol.send_request_async("exlsp/stats", {}))["state"] != "ready":
+        assert time.monotonic() < limit
+        await asyncio.sleep(0.05)
+    uri = "file:///w/m.py"
+    client.text_document_did_open(
+        types.DidOpenTextDocumentParams(types.TextDocumentItem(uri, "python", 1, DOC))
+    )
+    params = types.InlineCompletionParams(
+        text_document=types.TextDocumentIdentifier(uri),
+        position=types.Position(1, 4),
+        context=types.InlineCompletionContext(
+            trigger_kind=types.InlineCompletionTriggerKind.Automatic
+        ),
+    )
+    fake.status = 503
+    for _ in range(8):
+        result = await client.text_document_inline_completion_async(params)
+        assert result is not None and not result.items  # answered, not an error
+    errors = [s for s in client.statuses if s["state"] == "error"]  # type: ignore[attr-defined]
+    assert len(errors) == 1 and "HTTP 503" in errors[0]["message"]
+    assert sum("HTTP 503" in m.message for m in client.messages) == 1
+    assert len(fake.completions) == 1
+    # The server comes back; after the back-off period the next keystroke gets a suggestion.
+    fake.status = 200
+    fake.script = lambda body: streamed("return a + b")
+    await asyncio.sleep(1.2)
+    result = await client.text_document_inline_completion_async(params)
+    assert [i.insert_text for i in result.items] == ["return a + b"]
+    assert client.statuses[-1]["state"] == "ready"  # type: ignore[attr-defined]
