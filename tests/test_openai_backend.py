@@ -254,6 +254,20 @@ async def test_a_tokenizer_that_is_not_the_servers_is_refused(
     assert "does not match" in (svc.error or "")
 
 
+async def test_the_tokenizer_is_checked_once_the_server_answers(
+    fake, service, tiny_model: Path
+) -> None:  # type: ignore[no-untyped-def]
+    fake.status = 503  # down while the backend loads
+    svc = await service(model_config(fake, path=str(tiny_model)))
+    assert svc.state == "ready" and not svc.backend.tokenizer_checked
+    fake.status = 200
+    fake.tokenize = lambda text: [1, 2, 3]  # another model's vocabulary
+    svc.backend.health.retry_at = 0.0
+    result = await svc.complete(req())
+    assert "does not match" in (result.error or "")
+    assert fake.completions == []  # no token-id prompt went to the wrong model
+
+
 # -- cancellation and deadline ------------------------------------------------------------------
 
 

@@ -307,7 +307,8 @@ class OpenAIBackend:
                     "served model's tokenizer (tokenizer.json)"
                 )
             self.prompt_format = fmt
-            if fmt == "tokens" and self.health.problem is None:
+            self.tokenizer_checked = fmt != "tokens"
+            if not self.tokenizer_checked and self.health.problem is None:
                 self._check_tokenizer()
         except BaseException:
             self.close()
@@ -352,6 +353,7 @@ class OpenAIBackend:
         cfg = self.config
         verify: ssl.SSLContext | bool = True
         if not cfg.verifyTls:
+            log.warning("model.verifyTls is off: the server's certificate is not checked")
             verify = False
         elif cfg.caFile:
             ca = Path(cfg.caFile).expanduser()
@@ -525,19 +527,22 @@ class OpenAIBackend:
         if self.model_name:
             body["model"] = self.model_name
 
-        async def post() -> Any:
+        async def post() -> tuple[str, Any]:
             try:
                 resp = await self._client.post(f"{root}/tokenize", json=body)
             except Exception:
-                return None
+                return "down", None
             if resp.status_code != 200:
-                return None
+                return "absent", None
             try:
-                return resp.json()
+                return "ok", resp.json()
             except ValueError:
-                return None
+                return "absent", None
 
-        data = self._run(post(), timeout=30)
+        outcome, data = self._run(post(), timeout=30)
+        if outcome == "down":
+            return  # checked on the first request that reaches the server
+        self.tokenizer_checked = True
         tokens = data.get("tokens") if isinstance(data, dict) else None
         if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
             log.info("%s: no /tokenize to compare tokenizers with; trusting model.path", root)
@@ -661,9 +666,14 @@ class OpenAIBackend:
         stats.prefilled_tokens = len(job.prompt)
         try:
             self.health.check()
+            if not self.tokenizer_checked:
+                self._check_tokenizer()  # the server was down when the backend loaded
         except BackendUnavailable:
             stats.stop_reason = "unavailable"
             raise
+        except RemoteConfigError as e:
+            stats.stop_reason = "error"
+            raise self.health.failed(str(e)) from None
         body = self.request_body(job)
         self._drop_cache = False
         stops = body.get("stop", [])
