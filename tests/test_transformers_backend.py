@@ -177,3 +177,47 @@ def test_background_slot_keeps_the_main_cache(backend: TransformersBackend) -> N
     list(backend.stream(other))
     _, job = run(backend, prompt, frozenset(), reuse=True, max_tokens=2)
     assert job.stats.reused_tokens == len(prompt) - 1  # the main slot survived
+
+
+def test_background_prefill_in_chunks_is_exact_and_stops_between_chunks(
+    backend: TransformersBackend,
+) -> None:
+    from exlsp.completion.backends.transformers_backend import BACKGROUND_PREFILL_CHUNK
+
+    prompt = backend.tokenizer.encode(SOURCE * 3)
+    assert len(prompt) > 3 * BACKGROUND_PREFILL_CHUNK
+    one_pass, _ = run(backend, prompt, frozenset(), reuse=False, max_tokens=6)
+
+    def background(cancel_after_chunks: int | None) -> tuple[list[int], GenerationJob]:
+        backend._use_slot("background")
+        backend.reset_cache()
+        job = GenerationJob(prompt=prompt, stop_ids=frozenset(), max_tokens=6, slot="background")
+        if cancel_after_chunks is not None:
+            forward = backend._forward
+            calls = 0
+
+            def counting(ids: list[int]) -> object:
+                nonlocal calls
+                calls += 1
+                if calls == cancel_after_chunks:
+                    job.cancel.set()  # a completion arrives during this chunk
+                return forward(ids)
+
+            backend._forward = counting  # type: ignore[method-assign]
+            try:
+                return list(backend.stream(job)), job
+            finally:
+                del backend._forward
+        return list(backend.stream(job)), job
+
+    chunked, job = background(None)
+    assert chunked == one_pass  # chunked prefill computes the same cache
+    assert job.stats.prefilled_tokens == len(prompt)
+    stopped, job = background(2)
+    assert stopped == [] and job.stats.stop_reason == "cancelled"
+    # Two chunks ran and stay cached: resuming prefills only the rest.
+    assert len(backend._cached) == 2 * BACKGROUND_PREFILL_CHUNK
+    resumed = GenerationJob(prompt=prompt, stop_ids=frozenset(), max_tokens=6, slot="background")
+    assert list(backend.stream(resumed)) == one_pass
+    assert resumed.stats.reused_tokens == 2 * BACKGROUND_PREFILL_CHUNK
+    backend._use_slot("main")

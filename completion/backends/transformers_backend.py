@@ -22,6 +22,9 @@ from exlsp.completion.tokenizer import HfTokenizer
 
 log = logging.getLogger(__name__)
 
+# Tokens per prefill pass of a background job: the longest a completion waits for one.
+BACKGROUND_PREFILL_CHUNK = 64
+
 
 def _pick_device(torch: Any, device: str) -> str:
     if device == "auto":
@@ -117,6 +120,23 @@ class TransformersBackend:
         self._cached.extend(ids)
         return out.logits[0, -1]
 
+    def _prefill(self, ids: list[int], job: GenerationJob) -> Any:
+        """Run `ids` after the cached tokens; the last logits, or None if stopped.
+
+        A completion prefills in one pass: a newer keystroke shares most of its
+        prompt, so finishing the pass is not wasted. Background work (hover, code
+        actions) prefills in chunks and looks for preemption between them, so a
+        completion that arrives waits for one chunk, not for a whole prompt. What
+        was prefilled before a stop stays cached for the job's resumption.
+        """
+        step = len(ids) if job.slot == "main" else BACKGROUND_PREFILL_CHUNK
+        logits = None
+        for start in range(0, len(ids), step):
+            if start and job.should_stop():
+                return None
+            logits = self._forward(ids[start : start + step])
+        return logits
+
     # -- generation ----------------------------------------------------------
 
     def stream(self, job: GenerationJob) -> Iterator[int]:
@@ -146,8 +166,11 @@ class TransformersBackend:
             return
         try:
             with torch.inference_mode():
-                logits = self._forward(prompt[keep:])
+                logits = self._prefill(prompt[keep:], job)
                 stats.prefill_ms = (time.perf_counter() - t0) * 1000
+                if logits is None:
+                    stats.stop_reason = job.should_stop() or "cancelled"
+                    return
                 t1 = time.perf_counter()
                 generated = 0
                 while True:
