@@ -329,3 +329,44 @@ def test_credentials_can_come_from_the_environment(
         assert index.stats().commits == 0
     finally:
         index.stop()
+
+
+def test_vectors_come_from_both_tables(
+    s3_endpoint: str, root: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from tests.index_helpers import FakeEmbedder
+
+    ci_root = tmp_path_factory.mktemp("ci-vectors") / "repo"
+    write_workspace(ci_root)
+    uri = f"s3://{BUCKET}/vectors/index"
+    ci = WorkspaceIndex(
+        ci_root, storage(s3_endpoint, databaseDir=uri), use_watchdog=False, embedder=FakeEmbedder()
+    )
+    ci.start()
+    try:
+        assert ci.wait_idle(120)
+        assert ci.stats().chunks_with_vectors == ci.stats().chunks > 0
+    finally:
+        ci.stop()
+
+    embedder = FakeEmbedder()
+    config = editor_config(s3_endpoint, uri, tmp_path)
+    touch_later(
+        root / "web" / "app.js",
+        SAMPLES["web/app.js"].replace("renderWidgetPanel", "renderGadgetPanel"),
+    )
+    index = WorkspaceIndex(root, config, use_watchdog=False, embedder=embedder)
+    index.start()
+    try:
+        assert index.wait_idle(120)
+        # Only the changed file was embedded here; the rest came with the shared index.
+        assert local_paths(index) == {"web/app.js"}
+        assert sum(embedder.batch_sizes) == expected_rows(root, config)["web/app.js"]
+        hits = index.search("renderGadgetPanel(root)", limit=5, mode="vector")
+        assert hits[0].path == "web/app.js" and "renderGadgetPanel" in hits[0].text
+        others = index.search("area_of_zorbling(radius)", limit=5, mode="vector")
+        assert others[0].path == "src/geometry.py"
+        everything = index.search("renderWidgetPanel(root)", limit=50, mode="vector")
+        assert all("renderWidgetPanel" not in h.text for h in everything)
+    finally:
+        index.stop()
