@@ -44,6 +44,13 @@ local function ghost_mark()
   return H.extmark_text(0, ghost.ns)
 end
 
+--- The ghost text once the whole suggestion is in: streamed partial text may
+--- show first (a lone space, say), and accepting it is not what is checked here.
+local function final_mark()
+  local item = ghost.current(0)
+  return item and not item.partial and ghost_mark()
+end
+
 local function lines()
   return vim.api.nvim_buf_get_lines(0, 0, -1, false)
 end
@@ -52,11 +59,11 @@ end
 --- typing (`more`), since a tiny model may have nothing to say at one spot.
 local function type_until_ghost(text, more, timeout_ms)
   H.type(text, 60)
-  local mark = H.wait_until(ghost_mark, timeout_ms, 50)
+  local mark = H.wait_until(final_mark, timeout_ms, 50)
   local extra = 1
   while not mark and extra <= #more do
     H.type(more[extra], 60)
-    mark = H.wait_until(ghost_mark, timeout_ms, 50)
+    mark = H.wait_until(final_mark, timeout_ms, 50)
     extra = extra + 1
   end
   return mark

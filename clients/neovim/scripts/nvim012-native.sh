@@ -9,12 +9,16 @@
 # Fetches Neovim 0.12 from Debian sid (clients/scripts/debian-sid.sh), runs
 # nvim012_native.lua headless and checks what it saw: the native ghost text
 # appeared, <M-l> inserted exactly that text at the cursor, <M-w> inserted
-# its first word. Exit status 0 when all hold.
+# the first word of a longer suggestion and the ghost text went on with the
+# rest, <M-j> inserted the rest of its line, <C-]> and <Esc> hid it,
+# :checkhealth exlsp is clean. Exit status 0 when all hold.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../../.." && pwd)
 python=${1:-python3}
+# The editor starts the server from another folder: use an absolute path.
+case $python in */*) python=$(realpath -s "$python") ;; *) python=$(command -v "$python") ;; esac
 model=${2:-}
 
 # shellcheck source=../../scripts/debian-sid.sh
@@ -75,13 +79,30 @@ else:
     ok = False
 word = data.get("accept_word")
 if word:
-    first = re.match(r"\r?\n[ \t]*|[ \t]*\w+|[ \t]*[^\w\s]+|[ \t]+", word["ghost_text"], re.ASCII)
-    taken = first.group(0) if first else word["ghost_text"]
+    ghost = word["ghost_text"]
+    first = re.match(r"\r?\n[ \t]*|[ \t]*\w+|[ \t]*[^\w\s]+|[ \t]+", ghost, re.ASCII)
+    taken = first.group(0) if first else ghost
     good = word["after"] == inserted(word["before"], word["cursor"], taken)
-    print(("ok   " if good else "FAIL ") + f"<M-w> inserted the first word {taken!r} of {word['ghost_text']!r}")
+    print(("ok   " if good else "FAIL ") + f"<M-w> inserted the first word {taken!r} of {ghost!r}")
     ok &= good
-    print(("ok   " if not word["mark_after_dismiss"] else "FAIL ") + "<C-]> dismissed the suggestion")
-    ok &= not word["mark_after_dismiss"]
+    rest = word.get("rest_text")
+    good = rest == ghost[len(taken) :]
+    print(("ok   " if good else "FAIL ") + f"then the ghost text shows the rest: {rest!r}")
+    ok &= good
+    if rest:
+        line = re.match(r"[^\n]*\n", rest)
+        line = line.group(0) if line else rest
+        good = word["line_after"] == inserted(word["line_before"], word["line_cursor"], line)
+        print(("ok   " if good else "FAIL ") + f"<M-j> inserted the rest of the line {line!r}")
+        ok &= good
+    if word["mark_before_dismiss"]:
+        good = not word["mark_after_dismiss"]
+        print(("ok   " if good else "FAIL ") + "<C-]> dismissed the suggestion")
+        ok &= good
+    else:
+        print("skip <C-]>: no suggestion left to dismiss")
+else:
+    ok = False
 print("notes:", json.dumps(data["notes"]))
 print("PASS" if ok else "FAILED")
 sys.exit(0 if ok else 1)

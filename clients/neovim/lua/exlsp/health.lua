@@ -94,6 +94,10 @@ local function check_keymaps()
     return
   end
   local names = { 'accept', 'accept_word', 'accept_line', 'next', 'prev', 'dismiss', 'trigger' }
+  if exlsp.inline_mode() == 'native' then
+    -- The native client asks by itself; it has no "ask now".
+    table.remove(names)
+  end
   for _, name in ipairs(names) do
     local lhs = keys[name]
     if lhs then
