@@ -808,3 +808,55 @@ def test_parameter_count_from_headers_counts_exl2_layers_unpacked(tmp_path: Path
     )
     assert safetensors_parameter_count(tmp_path) == 100 * 32 + 128 * 48 + 32
     assert safetensors_parameter_count(tmp_path / "none") is None
+
+
+# -- a cache of its own for background work -----------------------------------------
+
+
+def background_job(prompt: Sequence[int], max_tokens: int = 4) -> GenerationJob:
+    return GenerationJob(
+        prompt=list(prompt), stop_ids=frozenset({EOS}), max_tokens=max_tokens, slot="background"
+    )
+
+
+def test_background_jobs_keep_the_completion_cache() -> None:
+    made: list[FakeCache] = []
+
+    def factory() -> FakeCache:
+        made.append(FakeCache(1024))
+        return made[-1]
+
+    backend = make_backend(cache_factory=factory)
+    fresh = make_backend()
+    prompt = [(i * 7 + 3) % 60 for i in range(200)]
+    run(backend, prompt)
+    hover = [(i * 5 + 1) % 60 for i in range(150)]
+    hover_out = list(backend.stream(background_job(hover)))
+    assert len(made) == 1  # made at the first background job
+    assert hover_out == list(fresh.stream(background_job(hover)))
+    out, job = run(backend, [*prompt, 9])
+    assert job.stats.reused_tokens == len(prompt)  # the completion cache survived the hover
+    assert out == run(fresh, [*prompt, 9], reuse=False)[0]
+    again = background_job([*hover, 11])
+    list(backend.stream(again))
+    assert again.stats.reused_tokens == len(hover)  # and the background cache its own
+    assert len(made) == 1
+
+
+def test_without_memory_for_a_second_cache_background_work_shares_the_one() -> None:
+    tries = 0
+
+    def factory() -> FakeCache:
+        nonlocal tries
+        tries += 1
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    backend = make_backend(cache_factory=factory)
+    prompt = [(i * 7 + 3) % 60 for i in range(100)]
+    run(backend, prompt)
+    hover = background_job([(i * 5 + 1) % 60 for i in range(50)])
+    assert list(backend.stream(hover))  # served, on the shared cache
+    _, job = run(backend, [*prompt, 9])
+    assert job.stats.reused_tokens == 0  # the hover displaced the completion's prompt
+    list(backend.stream(background_job([1, 2, 3])))
+    assert tries == 1  # no second try at the allocation

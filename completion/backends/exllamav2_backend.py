@@ -407,6 +407,7 @@ class ExLlamaV2Backend:
         ngram: NgramDraft | None = None,
         dynamic: DynamicGeneratorApi | None = None,
         on_close: Callable[[], None] | None = None,
+        cache_factory: Callable[[], Any] | None = None,
     ) -> None:
         import numpy
         import torch
@@ -428,6 +429,12 @@ class ExLlamaV2Backend:
         self._generator: Any = None
         self._on_close = on_close
         self._cached: list[int] = []  # tokens whose K/V are in the cache, in order
+        # Background work (hover, code actions) gets a cache of its own, made at its
+        # first job, so that it never evicts the completion's prompt; the slot not in
+        # use is parked here with its token list.
+        self._cache_factory = cache_factory
+        self._slot = "main"
+        self._parked: dict[str, tuple[Any, list[int]]] = {}
         self.vram_bytes: int | None = None  # set by the loader
         # n-gram drafting, over the backend's life (for benchmarks)
         self.draft_proposed = 0
@@ -449,6 +456,35 @@ class ExLlamaV2Backend:
     def _keep(self, n: int) -> None:
         del self._cached[n:]
         self.cache.current_seq_len = n
+
+    def _use_slot(self, slot: str) -> None:
+        """Switch to `slot`'s cache (forward mode), making it at its first use.
+
+        Where a second cache cannot be had (no factory, the dynamic generator, or
+        no GPU memory for it), every slot shares the one cache, as before.
+        """
+        if slot == self._slot or self.generation != "forward":
+            return
+        if slot not in self._parked:
+            if self._cache_factory is None:
+                return
+            try:
+                cache = self._cache_factory()
+            except Exception as e:
+                self._cache_factory = None
+                if not is_out_of_memory(e):
+                    raise
+                self._release_memory()
+                log.warning(
+                    "exllamav2: no GPU memory for a second KV cache; background work "
+                    "(hover, code actions) shares the completion cache (%s)",
+                    str(e).splitlines()[0] if str(e) else type(e).__name__,
+                )
+                return
+            self._parked[slot] = (cache, [])
+        self._parked[self._slot] = (self.cache, self._cached)
+        self.cache, self._cached = self._parked.pop(slot)
+        self._slot = slot
 
     def _forward(self, ids: list[int], *, last_only: bool, abort: Any) -> Any:
         """Run `ids` after the cached tokens; the logits, or None if aborted.
@@ -510,6 +546,7 @@ class ExLlamaV2Backend:
         stats = job.stats
         draft = self._ngram
         reserve = draft.max_tokens if draft else 0
+        self._use_slot(job.slot)
         prompt, max_tokens = self._fit(job, reserve)
         if not job.reuse_cache:
             self.reset_cache()
@@ -685,6 +722,7 @@ class ExLlamaV2Backend:
     def close(self) -> None:
         self._generator = None
         self._cached = []
+        self._parked.clear()
         if self.model is not None:
             with contextlib.suppress(Exception):
                 self.model.unload()
@@ -811,6 +849,10 @@ def load_exllamav2_backend(
         ngram_draft=config.ngramDraft,
         dynamic=dynamic,
         on_close=lambda: _release_cuda(torch),
+        # Made after the model is loaded: it lands on the devices of the model's layers.
+        cache_factory=lambda: getattr(exl, CACHE_CLASSES[config.cacheType])(
+            model, max_seq_len=max_seq_len
+        ),
     )
     backend.vram_bytes = int((free_gib - free_after) * 2**30)
     if warmup:
