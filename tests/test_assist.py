@@ -436,3 +436,31 @@ async def test_refactor_cut_by_the_deadline_is_refused() -> None:
             )
     finally:
         worker.close()
+
+
+async def test_documents_too_large_to_parse_get_no_hover_and_no_refactors() -> None:
+    from exlsp.completion.assist_syntax import MAX_PARSE_CHARS
+
+    filler = "# " + "x" * 97 + "\n"
+    lines = lines_of(SOURCE) + [filler] * (MAX_PARSE_CHARS // len(filler) + 1)
+    assert parse(lines_of(SOURCE), "python") is not None
+    assert parse(lines, "python") is None  # over the limit: not parsed at all
+    assistant, backend, worker = await assistant_with(lambda p: "never", chat=False)
+    try:
+        assert await assistant.explain(lines, "python", 17, 16, HoverConfig()) is None
+        with pytest.raises(RefactorRefused):
+            await assistant.refactor(
+                "docstring", lines, "python", Span(17, 0, 17, 0), CodeActionsConfig()
+            )
+        assert backend.jobs == []
+    finally:
+        worker.close()
+
+
+def test_a_text_is_parsed_once() -> None:
+    lines = lines_of(SOURCE)
+    first = parse(lines, "python")
+    assert parse(list(lines), "python") is first  # same text: the same parse
+    edited = [*lines[:-1], lines[-1] + "x = 1\n"]
+    other = parse(edited, "python")
+    assert other is not None and other is not first
