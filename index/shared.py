@@ -15,7 +15,10 @@ table read-only beneath it:
 - searches query both tables and drop shared hits whose path is shadowed.
 
 Everything else (writes, indexes, embeddings, optimize) is the local table's,
-exactly as without a shared index.
+exactly as without a shared index. The shared table is read at the version it
+had when the overlay opened (a newer one, written by CI meanwhile, is picked up
+at the next start), so that what is hidden and what is indexed here stay
+decided against the same version.
 """
 
 from __future__ import annotations
@@ -84,6 +87,9 @@ class SharedOverlayStore(ChunkStore):
             return
         try:
             shared.open()
+            # Read the shared table as of now: what this overlay hides and holds is
+            # decided against this version, and CI may write a newer one meanwhile.
+            shared.table.checkout(shared.table.version)
             self._shared_states = shared.file_states()
         except Exception as exc:
             # Without it everything is indexed here: slower to build, still correct.

@@ -370,3 +370,46 @@ def test_vectors_come_from_both_tables(
         assert all("renderWidgetPanel" not in h.text for h in everything)
     finally:
         index.stop()
+
+
+def test_a_newer_shared_version_is_taken_at_the_next_start(
+    s3_endpoint: str,
+    root: Path,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from exlsp.index import store as store_module
+
+    monkeypatch.setattr(store_module, "REMOTE_RECHECK_S", 0)  # readers look at every query
+    ci_root = tmp_path_factory.mktemp("ci-versions") / "repo"
+    write_workspace(ci_root)
+    uri = f"s3://{BUCKET}/versions/index"
+    assert run_index(ci_root, storage(s3_endpoint, databaseDir=uri)) == 0
+    config = editor_config(s3_endpoint, uri, tmp_path)
+    index = WorkspaceIndex(root, config, use_watchdog=False)
+    index.start()
+    try:
+        assert index.wait_idle(120)
+        assert local_paths(index) == set()
+        # CI indexes a newer commit while the editor runs on the older checkout.
+        geometry = SAMPLES["src/geometry.py"].replace("area_of_zorbling", "area_of_merged")
+        touch_later(ci_root / "src" / "geometry.py", geometry)
+        assert run_index(ci_root, storage(s3_endpoint, databaseDir=uri)) == 0
+        time.sleep(1.0)
+        # Searches still show this checkout's text, not the newer shared one.
+        hit = index.search("area_of_zorbling(3)", limit=1)[0]
+        assert hit.path == "src/geometry.py" and "area_of_zorbling" in hit.text
+        assert visible_rows_per_path(index) == expected_rows(root, config)
+    finally:
+        index.stop()
+    restarted = WorkspaceIndex(root, config, use_watchdog=False)
+    restarted.start()
+    try:
+        assert restarted.wait_idle(120)
+        # The checkout still has the older file: now it differs, so it is local.
+        assert local_paths(restarted) == {"src/geometry.py"}
+        assert visible_rows_per_path(restarted) == expected_rows(root, config)
+        assert all("area_of_merged" not in h.text for h in restarted.search("area_of_merged"))
+    finally:
+        restarted.stop()
