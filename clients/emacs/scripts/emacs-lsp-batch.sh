@@ -7,14 +7,16 @@
 # lsp-mode 10 with its dependencies from Debian sid (elpa-lsp-mode, lisp
 # sources only: clients/scripts/debian-sid.sh), unless EXLSP_LOAD_PATH
 # already names lisp folders holding lsp-mode. Checks that the exlsp client
-# starts, reports ready, enables lsp-inline-completion-mode, shows a
-# suggestion as an overlay, and that accepting it inserts the text and the
-# saved file holds it.
+# starts, reports ready, enables lsp-inline-completion-mode; that typing
+# makes the mode show a suggestion as an overlay; that C-<return> inserts the
+# text and the saved file holds it; that C-g hides the next one.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../../.." && pwd)
 python=${1:-python3}
+# The editor starts the server from another folder: use an absolute path.
+case $python in */*) python=$(realpath -s "$python") ;; *) python=$(command -v "$python") ;; esac
 model=${2:-}
 
 if [ -z "${EXLSP_LOAD_PATH:-}" ]; then

@@ -85,15 +85,48 @@
 (exlsp-test-check "server offers inline completion"
                   (lsp-feature? "textDocument/inlineCompletion"))
 
-;; Type a function header and ask for a suggestion the way the idle timer does.
+;; Type, and let lsp-inline-completion-mode ask by itself: a change arms
+;; lsp-mode's idle timer for `lsp-on-change-hook', where the mode arms its
+;; own idle timer that asks for a suggestion.  A batch Emacs is never idle,
+;; so each armed idle timer is run by hand (what Emacs does after that many
+;; seconds without input).
+(defun exlsp-test-run-idle-timer (timer-fn)
+  "Wait for the idle timer TIMER-FN returns to be armed, run it; non-nil if it was."
+  (let ((timer (exlsp-test-wait (lambda ()
+                                  (let ((timer (funcall timer-fn)))
+                                    (and (timerp timer) (memq timer timer-idle-list) timer)))
+                                5)))
+    (when timer
+      (timer-event-handler timer)
+      t)))
+
+(defun exlsp-test-overlay-text ()
+  (and (overlayp lsp-inline-completion--overlay)
+       (overlay-get lsp-inline-completion--overlay 'after-string)))
+
+(defvar exlsp-test-armed nil "Non-nil once typing armed the mode's idle timer.")
+
+(defun exlsp-test-type-until-shown (chunks)
+  "Insert CHUNKS one by one until a suggestion shows; its overlay text."
+  (let (shown)
+    (while (and chunks (not shown))
+      (insert (pop chunks))
+      (when (and (exlsp-test-run-idle-timer (lambda () lsp--on-change-timer))
+                 (exlsp-test-run-idle-timer (lambda () lsp-inline-completion--idle-timer)))
+        (setq exlsp-test-armed t)
+        (setq shown (exlsp-test-wait #'exlsp-test-overlay-text 20))))
+    shown))
+
+(defun exlsp-test-key (key)
+  "Run what KEY does while a suggestion shows."
+  (let ((command (lookup-key lsp-inline-completion-active-map (kbd key))))
+    (setq this-command command)
+    (call-interactively command)
+    command))
+
 (goto-char (point-max))
-(let ((attempts '("def diameter(radius):" "\n    return " "2")) shown)
-  (while (and attempts (not shown))
-    (insert (pop attempts))
-    (exlsp-test-wait (lambda () nil) 0.3)   ; let lsp-mode send didChange
-    (lsp-inline-completion-display 'implicit)
-    (setq shown (and (overlayp lsp-inline-completion--overlay)
-                     (overlay-get lsp-inline-completion--overlay 'after-string))))
+(let ((shown (exlsp-test-type-until-shown '("def diameter(radius):" "\n    return " "2"))))
+  (exlsp-test-check "typing armed lsp-inline-completion-mode's idle timer" exlsp-test-armed)
   (when (exlsp-test-check "ghost text overlay shown" shown)
     (let* ((before (buffer-string))
            ;; Where the request was made: at the end of a line lsp-mode parks
@@ -106,7 +139,8 @@
                         (string-suffix-p (substring-no-properties text)
                                          (substring-no-properties shown))
                         shown)
-      (lsp-inline-completion-accept)
+      (exlsp-test-check "C-<return> is lsp-inline-completion-accept"
+                        (eq (exlsp-test-key "C-<return>") 'lsp-inline-completion-accept))
       (let ((expected (concat (substring before 0 (1- start)) text
                               (substring before (1- start)))))
         (exlsp-test-check "accept inserts it at point"
@@ -114,6 +148,7 @@
                                    expected)
                           (list :got (buffer-substring-no-properties (point-min) (point-max))
                                 :expected expected))
+        (exlsp-test-check "the overlay is gone after accepting" (not (exlsp-test-overlay-text)))
         (save-buffer)
         ;; Saving may add the final newline python-mode requires.
         (exlsp-test-check "saved file holds it"
@@ -122,6 +157,22 @@
                                      (with-temp-buffer
                                        (insert-file-contents file)
                                        (string-trim-right (buffer-string) "\n")))))))))
+
+;; A second suggestion, cancelled with C-g: the overlay goes, the text stays.
+(goto-char (point-max))
+(let ((shown (exlsp-test-type-until-shown '("\n\ndef volume(side):" "\n    return " "side"))))
+  (when shown
+    (let ((before (buffer-substring-no-properties (point-min) (point-max))))
+      (exlsp-test-check "C-g is lsp-inline-completion-cancel"
+                        (eq (exlsp-test-key "C-g") 'lsp-inline-completion-cancel))
+      (exlsp-test-check "C-g hides the suggestion, the text stays"
+                        (and (not (exlsp-test-overlay-text))
+                             (string= before (buffer-substring-no-properties
+                                              (point-min) (point-max))))))))
+
+(exlsp-test-check "mode line status" (string-prefix-p "exlsp" (exlsp-status-string))
+                  (exlsp-status-string))
+(princ (format "mode line: %s\n" (exlsp-status-string)))
 
 (exlsp-test-check "exlsp/stats answers"
                   (let ((stats (lsp-request "exlsp/stats" (make-hash-table))))
