@@ -32,6 +32,14 @@ class ModelLoadError(RuntimeError):
     """The configured model cannot be served; the message is shown to the user."""
 
 
+# The built-in default model ships in the package (benchmarks/train_default_model.py).
+SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+
+
+def shipped_model_dir() -> Path | None:
+    return SHIPPED_MODEL_DIR if (SHIPPED_MODEL_DIR / "config.json").is_file() else None
+
+
 def resolve_model_dir(model: ModelConfig) -> Path:
     if model.path:
         path = Path(model.path).expanduser()
@@ -40,10 +48,37 @@ def resolve_model_dir(model: ModelConfig) -> Path:
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"not a model directory (no config.json): {path}")
         return path
-    # No model configured: the built-in default, built locally on first use.
+    # No model configured: the built-in default model, shipped in the package; an
+    # install without it builds a tiny stand-in locally on first use.
+    shipped = shipped_model_dir()
+    if shipped is not None:
+        return shipped
     from exlsp.benchmarks.build_model import default_model_dir
 
     return default_model_dir()
+
+
+def fit_budgets(completion: CompletionConfig, context_length: int) -> CompletionConfig:
+    """The prompt budgets scaled down, in proportion, so that prompt and reply fit
+    the model's context (a backend cuts an overlong prompt from its start, FIM
+    markers included)."""
+    budgets = (
+        completion.prefixTokens,
+        completion.suffixTokens,
+        completion.middleTokens,
+        completion.snippetTokens,
+    )
+    room = context_length - max(completion.maxTokens, completion.maxTokensSingleLine) - 16
+    if room <= 0 or sum(budgets) <= room:
+        return completion
+    prefix, suffix, middle, snippets = (b * room // sum(budgets) for b in budgets)
+    return dataclasses.replace(
+        completion,
+        prefixTokens=prefix,
+        suffixTokens=suffix,
+        middleTokens=middle,
+        snippetTokens=snippets,
+    )
 
 
 def create_backend(model: ModelConfig) -> Backend:
@@ -93,6 +128,7 @@ class CompletionService:
         self.state = "idle"  # idle, loading, ready, error
         self.error: str | None = None
         self.load_ms: float | None = None
+        self.context_length = 0
 
     @property
     def backend(self) -> Backend | None:
@@ -114,8 +150,13 @@ class CompletionService:
             self.worker.close()
             self.worker = None
             return
+        self.context_length = backend.info.context_length
         self.engine = CompletionEngine(
-            self.worker, backend.tokenizer, fim, self.config.completion, self.context
+            self.worker,
+            backend.tokenizer,
+            fim,
+            fit_budgets(self.config.completion, self.context_length),
+            self.context,
         )
         self.load_ms = (time.perf_counter() - t0) * 1000
         self.state = "ready"
@@ -145,7 +186,7 @@ class CompletionService:
     def reconfigure(self, completion: CompletionConfig) -> None:
         self.config = dataclasses.replace(self.config, completion=completion)
         if self.engine is not None:
-            self.engine.reconfigure(completion)
+            self.engine.reconfigure(fit_budgets(completion, self.context_length))
 
     def close(self) -> None:
         if self.engine is not None:

@@ -189,6 +189,11 @@ def _exllamav2_rows(report: DoctorReport, has_gpu: bool, wanted: bool) -> bool:
 
 def _default_model_dir() -> tuple[Path | None, str]:
     from exlsp.benchmarks.build_model import DEFAULT_MODEL, cache_dir, model_dir_name
+    from exlsp.completion.service import shipped_model_dir
+
+    shipped = shipped_model_dir()
+    if shipped is not None:
+        return shipped, f"{shipped} (built-in default, shipped)"
 
     path = cache_dir() / "models" / model_dir_name(**DEFAULT_MODEL)
     return (
