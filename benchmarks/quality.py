@@ -27,7 +27,7 @@ Usage:
 
     python -m exlsp.benchmarks.quality model --subsets single,multi --limit 0,500
     python -m exlsp.benchmarks.quality oracle
-    python -m exlsp.benchmarks.quality retrieval --project pathspec
+    python -m exlsp.benchmarks.quality retrieval --project tqdm,pathspec
 
 With no ``--model`` the built-in default model is used.
 """
@@ -525,79 +525,96 @@ def retrieval_tasks(root: Path, limit: int, seed: int) -> list[RetrievalTask]:
     return tasks[:limit] if limit > 0 else tasks
 
 
+async def _retrieval_records(
+    args: argparse.Namespace, workspace: Path, tasks: Sequence[RetrievalTask], context: Any
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    service = await _start_service(args, context)
+    info = _model_info(service)
+    progress = Progress(f"{workspace.name}, index {'on' if context else 'off'}", len(tasks))
+    records = []
+    try:
+        for n, task in enumerate(tasks):
+            text = (workspace / task.path).read_text(encoding="utf-8")
+            lines = text.split("\n")
+            lines[task.line] = lines[task.line][: task.column]
+            document = "\n".join(lines)
+            offset = sum(len(x) + 1 for x in lines[: task.line]) + task.column
+            uri = (workspace / task.path).as_uri() + f"#task{n}"
+            result = await _complete(service, document, offset, uri, task.path)
+            got = result.suggestions[0].text if result.suggestions else ""
+            records.append(
+                {
+                    "project": workspace.name,
+                    "task": asdict(task),
+                    "completion": got,
+                    "exact": normalize(got) == normalize(task.expected),
+                    "name_hit": got.startswith(task.name),
+                    "snippet_tokens": result.stats.snippet_tokens,
+                    "prompt_tokens": result.stats.prompt_tokens,
+                    "ms": round(result.stats.total_ms, 1),
+                }
+            )
+            progress.step()
+    finally:
+        service.close()
+    return records, info
+
+
 async def run_retrieval(args: argparse.Namespace) -> dict[str, Any]:
     from exlsp.index.config import IndexConfig
     from exlsp.index.retrieve import WorkspaceRetriever
     from exlsp.index.service import WorkspaceIndex
 
-    source = project_root(args.project)
-    with tempfile.TemporaryDirectory(prefix="exlsp-retrieval-") as tmp:
-        workspace = Path(tmp) / source.name
-        shutil.copytree(source, workspace, ignore=shutil.ignore_patterns("__pycache__"))
-        tasks = retrieval_tasks(workspace, args.retrieval_limit, args.seed)
-        if not tasks:
-            raise SystemExit(f"no retrieval tasks in {source}")
-        config = IndexConfig(
-            databaseDir=str(Path(tmp) / "index"), embeddingModel=args.embedding_model
-        )
-        index = WorkspaceIndex(workspace, config, use_watchdog=False)
-        started = time.perf_counter()
-        index.start()
-        if not index.wait_idle(timeout=600):
-            raise SystemExit("the workspace index did not settle within 10 minutes")
-        index_seconds = time.perf_counter() - started
-        retriever = WorkspaceRetriever(index, config)
-        variants: dict[str, Any] = {}
-        try:
-            for variant, context in (("index_off", None), ("index_on", retriever)):
-                service = await _start_service(args, context)
-                info = _model_info(service)
-                progress = Progress(variant, len(tasks))
-                records = []
-                try:
-                    for n, task in enumerate(tasks):
-                        text = (workspace / task.path).read_text(encoding="utf-8")
-                        lines = text.split("\n")
-                        lines[task.line] = lines[task.line][: task.column]
-                        document = "\n".join(lines)
-                        offset = sum(len(x) + 1 for x in lines[: task.line]) + task.column
-                        uri = (workspace / task.path).as_uri() + f"#task{n}"
-                        result = await _complete(service, document, offset, uri, task.path)
-                        got = result.suggestions[0].text if result.suggestions else ""
-                        records.append(
-                            {
-                                "task": asdict(task),
-                                "completion": got,
-                                "exact": normalize(got) == normalize(task.expected),
-                                "name_hit": got.startswith(task.name),
-                                "snippet_tokens": result.stats.snippet_tokens,
-                                "ms": round(result.stats.total_ms, 1),
-                            }
-                        )
-                        progress.step()
-                finally:
-                    service.close()
-                count = max(1, len(records))
-                variants[variant] = {
-                    "tasks": len(records),
-                    "exact_match": round(100 * sum(r["exact"] for r in records) / count, 2),
-                    "name_hit": round(100 * sum(r["name_hit"] for r in records) / count, 2),
-                    "mean_snippet_tokens": round(
-                        statistics.fmean(r["snippet_tokens"] for r in records), 1
-                    ),
-                    "latency_ms_p50": _percentile([r["ms"] for r in records], 0.5),
-                    "records": records,
-                }
-        finally:
-            index.stop()
+    by_variant: dict[str, list[dict[str, Any]]] = {"index_off": [], "index_on": []}
+    projects: list[dict[str, Any]] = []
+    info: dict[str, Any] = {}
+    for name in args.project.split(","):
+        source = project_root(name)
+        with tempfile.TemporaryDirectory(prefix="exlsp-retrieval-") as tmp:
+            workspace = Path(tmp) / source.name
+            shutil.copytree(source, workspace, ignore=shutil.ignore_patterns("__pycache__"))
+            tasks = retrieval_tasks(workspace, args.retrieval_limit, args.seed)
+            config = IndexConfig(
+                databaseDir=str(Path(tmp) / "index"), embeddingModel=args.embedding_model
+            )
+            index = WorkspaceIndex(workspace, config, use_watchdog=False)
+            started = time.perf_counter()
+            index.start()
+            try:
+                if not index.wait_idle(timeout=600):
+                    raise SystemExit("the workspace index did not settle within 10 minutes")
+                projects.append(
+                    {
+                        "name": source.name,
+                        "path": str(source),
+                        "tasks": len(tasks),
+                        "index_seconds": round(time.perf_counter() - started, 1),
+                        "index_chunks": index.stats().chunks,
+                    }
+                )
+                retriever = WorkspaceRetriever(index, config)
+                for variant, context in (("index_off", None), ("index_on", retriever)):
+                    records, info = await _retrieval_records(args, workspace, tasks, context)
+                    by_variant[variant] += records
+            finally:
+                index.stop()
+    variants: dict[str, Any] = {}
+    for variant, records in by_variant.items():
+        count = max(1, len(records))
+        variants[variant] = {
+            "tasks": len(records),
+            "exact_match": round(100 * sum(r["exact"] for r in records) / count, 2),
+            "name_hit": round(100 * sum(r["name_hit"] for r in records) / count, 2),
+            "mean_snippet_tokens": round(
+                statistics.fmean(r["snippet_tokens"] for r in records) if records else 0.0, 1
+            ),
+            "latency_ms_p50": _percentile([r["ms"] for r in records], 0.5),
+            "records": records,
+        }
     off, on = variants["index_off"], variants["index_on"]
     return {
         "model": info,
-        "project": {
-            "name": source.name,
-            "path": str(source),
-            "index_seconds": round(index_seconds, 1),
-        },
+        "projects": projects,
         "lift": {
             "exact_match": round(on["exact_match"] - off["exact_match"], 2),
             "name_hit": round(on["name_hit"] - off["name_hit"], 2),
@@ -663,7 +680,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--deadline-ms", type=int, default=60_000)
     parser.add_argument("--jobs", type=int, default=2, help="test programs run at once")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per test program")
-    parser.add_argument("--project", default="pathspec", help="retrieval: a package or directory")
+    parser.add_argument(
+        "--project",
+        default="tqdm,pathspec",
+        help="retrieval: packages or directories, comma-separated",
+    )
     parser.add_argument("--retrieval-limit", type=int, default=200)
     parser.add_argument("--embedding-model", default="", help='retrieval: "none" for BM25 only')
     parser.add_argument("--show-misses", type=int, default=50)

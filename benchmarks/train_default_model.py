@@ -124,6 +124,7 @@ class SourceFile:
     path: str  # shown in repository context: relative to the source's root
     group: str  # files of one package directory
     text: str
+    origin: str = ""  # where it was read
 
 
 @dataclass
@@ -233,13 +234,13 @@ def _take(
             record.dropped_generated += 1
             continue
         shown = shown_prefix + rel
-        out.append(SourceFile(record.source, shown, os.path.dirname(shown), text))
+        out.append(SourceFile(record.source, shown, os.path.dirname(shown), text, str(root / rel)))
         record.files += 1
         record.bytes += len(text.encode("utf-8"))
 
 
 def collect_corpus(
-    max_bytes_per_source: int, stdlib_tests_bytes: int
+    max_bytes_per_source: int, stdlib_tests_bytes: int, stdlib_bytes: int = 1 << 40
 ) -> tuple[list[SourceFile], list[SourceRecord]]:
     """The corpus files (in a fixed order) and one record per source."""
     grams = humaneval_ngrams()
@@ -258,7 +259,7 @@ def collect_corpus(
                 (tests if is_test else plain).append(rel)
     version = sys.version.split()[0]
     for source, rels, cap in (
-        ("stdlib", plain, 1 << 40),
+        ("stdlib", plain, stdlib_bytes),
         ("stdlib-tests", tests, stdlib_tests_bytes),
     ):
         record = SourceRecord(source, version, "PSF-2.0")
@@ -595,13 +596,14 @@ class TrainConfig:
     intermediate_size: int = 512
     seq_len: int = 512
     batch_rows: int = 8
-    steps: int = 600
+    steps: int = 500
     decay_fraction: float = 0.25
     warmup_steps: int = 30
     lr: float = 2.5e-3
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.1
-    threads: int = 2
+    threads: int = 1
+    stdlib_bytes: int = 1 << 40
     max_bytes_per_source: int = 3_000_000
     stdlib_tests_bytes: int = 3_000_000
     tokenizer_sample_bytes: int = 12_000_000
@@ -642,6 +644,19 @@ def _model_config(cfg: TrainConfig, tokenizer: Any) -> Any:
     )
 
 
+def _load_listing(path: Path) -> list[SourceFile]:
+    files: list[SourceFile] = []
+    for row in json.loads(path.read_text("utf-8")):
+        text = Path(row["origin"]).read_bytes().decode("utf-8").replace("\r\n", "\n")
+        if hashlib.sha256(text.encode()).hexdigest() != row["sha256"]:
+            raise RuntimeError(f"{row['origin']} changed since the run started")
+        path_shown = row["path"]
+        files.append(
+            SourceFile(row["source"], path_shown, os.path.dirname(path_shown), text, row["origin"])
+        )
+    return files
+
+
 def prepare(cfg: TrainConfig, work: Path) -> tuple[Any, list[SourceFile], list[SourceFile]]:
     """Corpus, manifest and tokenizer in `work` (reused when already there)."""
     from tokenizers import Tokenizer
@@ -650,23 +665,41 @@ def prepare(cfg: TrainConfig, work: Path) -> tuple[Any, list[SourceFile], list[S
 
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    files, records = collect_corpus(cfg.max_bytes_per_source, cfg.stdlib_tests_bytes)
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f"{f.source}/{f.path}\0".encode())
-        digest.update(hashlib.sha256(f.text.encode()).digest())
-    manifest: dict[str, Any] = {
-        "files": len(files),
-        "bytes": sum(r.bytes for r in records if r.files > 0),
-        "sha256": digest.hexdigest(),
-        "sources": [asdict(r) for r in records],
-    }
-    (work / "corpus.json").write_text(json.dumps(manifest, indent=1) + "\n", "utf-8")
+    listing = work / "corpus-files.json"
+    if listing.is_file():
+        # A resumed run trains on the files it started with, even if the
+        # environment changed since.
+        files = _load_listing(listing)
+        manifest = json.loads((work / "corpus.json").read_text("utf-8"))
+    else:
+        files, records = collect_corpus(
+            cfg.max_bytes_per_source, cfg.stdlib_tests_bytes, cfg.stdlib_bytes
+        )
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(f"{f.source}/{f.path}\0".encode())
+            digest.update(hashlib.sha256(f.text.encode()).digest())
+        manifest = {
+            "files": len(files),
+            "bytes": sum(r.bytes for r in records if r.files > 0),
+            "sha256": digest.hexdigest(),
+            "sources": [asdict(r) for r in records],
+        }
+        (work / "corpus.json").write_text(json.dumps(manifest, indent=1) + "\n", "utf-8")
+        rows = [
+            {
+                "source": f.source,
+                "path": f.path,
+                "origin": f.origin,
+                "sha256": hashlib.sha256(f.text.encode()).hexdigest(),
+            }
+            for f in files
+        ]
+        listing.write_text(json.dumps(rows) + "\n", "utf-8")
     logger.info(
-        "corpus: %d files, %.1f MB, from %d sources in %.0f s",
+        "corpus: %d files, %.1f MB, in %.0f s",
         len(files),
         manifest["bytes"] / 1e6,
-        sum(1 for r in records if r.files > 0),
         time.perf_counter() - started,
     )
     held_out = [
@@ -680,9 +713,13 @@ def prepare(cfg: TrainConfig, work: Path) -> tuple[Any, list[SourceFile], list[S
     tok_path = work / "tokenizer.json"
     if not tok_path.is_file():
         started = time.perf_counter()
+        # The standard library only: the tokenizer then depends on the Python
+        # version, not on what else happens to be installed.
         texts: list[str] = []
         total = 0
         for f in train:
+            if f.source != "stdlib":
+                continue
             texts.append(f.text)
             total += len(f.text)
             if total >= cfg.tokenizer_sample_bytes:
@@ -695,18 +732,23 @@ def prepare(cfg: TrainConfig, work: Path) -> tuple[Any, list[SourceFile], list[S
 
 def train(cfg: TrainConfig, work: Path) -> Path:
     """Train (resuming from `work/checkpoint.pt` when present); returns the checkpoint."""
+
+    from exlsp.benchmarks.build_model import _deterministic_torch
+
+    with _deterministic_torch(threads=cfg.threads, seed=cfg.seed):
+        return _train(cfg, work)
+
+
+def _train(cfg: TrainConfig, work: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(cfg.threads)
-    torch.use_deterministic_algorithms(True)
     tokenizer, train_files, held_out = prepare(cfg, work)
     maker = SampleMaker(tokenizer, train_files, cfg.seq_len, cfg.mix)
     evaluator = SampleMaker(tokenizer, held_out, cfg.seq_len, cfg.mix)
     eval_set = evaluator.eval_samples(cfg.seed, 32)
     logger.info("%.2f characters per token", maker.chars_per_token)
 
-    torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(_model_config(cfg, tokenizer), dtype=torch.float32)
     decay: list[Any] = []
     no_decay: list[Any] = []
@@ -869,11 +911,61 @@ def export(cfg: TrainConfig, work: Path, out: Path) -> Path:
         "eval_middle_loss": [(r["step"], r["eval_middle_loss"]) for r in evals],
         "python": sys.version.split()[0],
         "torch": torch.__version__,
-        "command": "python -m exlsp.benchmarks.train_default_model " + " ".join(sys.argv[1:]),
+        "command": reproduce_command(cfg),
     }
     (out / "exlsp-build.json").write_text(json.dumps(record, indent=2) + "\n", "utf-8")
+    (out / "README.md").write_text(
+        model_card(record, json.loads((out / "corpus.json").read_text()))
+    )
     logger.info("exported %s", out)
     return out
+
+
+def reproduce_command(cfg: TrainConfig) -> str:
+    """The command that trains this model from scratch (options that differ from the defaults)."""
+    defaults = asdict(TrainConfig())
+    changed = [
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in asdict(cfg).items()
+        if k != "mix" and v != defaults[k]
+    ]
+    return " ".join(["nice -n 10 python -m exlsp.benchmarks.train_default_model", *changed])
+
+
+def model_card(record: dict[str, Any], corpus: dict[str, Any]) -> str:
+    cfg = record["config"]
+    used = [r for r in corpus["sources"] if r["files"] > 0]
+    left_out = [r for r in corpus["sources"] if r["files"] < 0]
+    licences = sorted({r["licence"] for r in used})
+    lines = [
+        "# The exlsp default model",
+        "",
+        "A small fill-in-the-middle Python model (Qwen2 architecture, Qwen2.5-Coder special",
+        "tokens) trained on a CPU by `benchmarks/train_default_model.py`. It makes exlsp work",
+        "with no download; it is far weaker than a real code model.",
+        "",
+        f"- parameters: {record['parameters']:,} (hidden {cfg['hidden_size']}, "
+        f"{cfg['num_layers']} layers, {cfg['num_heads']} heads, {cfg['num_kv_heads']} KV heads, "
+        f"MLP {cfg['intermediate_size']}), tied embeddings, float16 weights",
+        f"- tokenizer: byte-level BPE, {cfg['vocab_size']} entries, trained on the corpus",
+        f"- context: {cfg['seq_len']} tokens",
+        f"- training: {record['steps']} steps of {cfg['batch_rows']} x {cfg['seq_len']} tokens, "
+        f"{record['tokens']:,} tokens, {record['train_seconds'] / 3600:.2f} h on "
+        f"{cfg['threads']} CPU thread(s), seed {cfg['seed']}",
+        f"- reproduce: `{record['command']}`",
+        "",
+        "## Training data",
+        "",
+        f"{corpus['files']} Python files ({corpus['bytes'] / 1e6:.1f} MB) from the standard",
+        f"library and {len(used) - 2} installed distributions with permissive licences",
+        f"({', '.join(licences)}); `corpus.json` lists each source with its version,",
+        "licence, file count and bytes, and the corpus digest. Files sharing a 13-word",
+        "sequence with a HumanEval problem were dropped. Left out for their licence: "
+        + (", ".join(f"{r['source']} ({r['licence']})" for r in left_out) or "none")
+        + ".",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
