@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,9 +46,20 @@ TABLE = "chunks"
 META = "meta.json"
 LOCK = "writer.lock"
 
-# Build the vector index (IVF) once this many rows have vectors; below it a flat
-# search is exact and fast enough.
+# Build the vector index (IVF_FLAT) once this many rows have vectors; below it a
+# flat search is exact and fast enough.
 VECTOR_INDEX_MIN_ROWS = 20_000
+# Rows per IVF partition. A target size, not a partition count: optimize()
+# rebalances partitions towards the index's target size, and an index built with
+# sqrt(rows) partitions came back from it with 8 large ones, so that every query
+# compared every row.
+VECTOR_PARTITION_ROWS = 2048
+# A query searches this fraction of the partitions, and at least VECTOR_MIN_PROBES.
+VECTOR_PROBE_FRACTION = 0.2
+VECTOR_MIN_PROBES = 4
+# optimize() adds changed rows to the vector index as a new delta index, and a
+# query searches every delta: past this many, the index is built again.
+VECTOR_MAX_DELTAS = 8
 # Scalar indexes on id and path speed up merges and deletes of large tables.
 SCALAR_INDEX_MIN_ROWS = 5_000
 # Files per commit: bounds the SQL filter and the memory of one write.
@@ -58,6 +70,9 @@ CLEANUP_OLDER_THAN = timedelta(minutes=1)
 # How often a reader of an index on object storage looks for a newer version.
 REMOTE_RECHECK_S = 60
 RESULT_COLUMNS = ["id", "path", "start_line", "end_line", "symbol", "kind", "text"]
+# In a query plan's metrics: the IVF partitions of all deltas, and the deltas.
+_PARTITIONS_RANKED = re.compile(r"partitions_ranked=(\d+)")
+_DELTAS_SEARCHED = re.compile(r"deltas_searched=(\d+)")
 
 
 class StoreUnavailable(RuntimeError):
@@ -254,7 +269,8 @@ class ChunkStore:
         self._has_fts = False
         self._has_vector_index = False
         self._has_scalar = False
-        self._vector_partitions = 0
+        self._vector_partitions = 0  # of the IVF index (0: none, searches are flat)
+        self.probe_fraction = VECTOR_PROBE_FRACTION
 
     # --- opening -------------------------------------------------------------
 
@@ -360,8 +376,7 @@ class ChunkStore:
         self._has_scalar = ("id",) in columns
         vec = columns.get(("vector",))
         self._has_vector_index = vec is not None
-        if vec is not None:
-            self._vector_partitions = self._partitions_for(self.count_rows("vector IS NOT NULL"))
+        self.warm()
 
     @property
     def table(self) -> Any:
@@ -509,13 +524,9 @@ class ChunkStore:
 
     # --- indexes -------------------------------------------------------------
 
-    @staticmethod
-    def _partitions_for(rows: int) -> int:
-        return max(8, min(1024, int(math.sqrt(max(rows, 1)))))
-
     def ensure_indexes(self) -> list[str]:
         """Create the indexes the table is now large enough for; names of those created."""
-        from lancedb.index import FTS, BTree, IvfFlat
+        from lancedb.index import FTS, BTree
 
         created: list[str] = []
         rows = self.count_rows()
@@ -540,23 +551,83 @@ class ChunkStore:
             self.table.create_index("path", config=BTree(), replace=True)
             self._has_scalar = True
             created.append("scalar")
-        if self.vector_dim is not None and not self._has_vector_index:
-            with_vectors = self.count_rows("vector IS NOT NULL")
-            if with_vectors >= VECTOR_INDEX_MIN_ROWS:
-                partitions = self._partitions_for(with_vectors)
-                self.table.create_index(
-                    "vector",
-                    config=IvfFlat(distance_type="cosine", num_partitions=partitions),
-                    replace=True,
-                )
-                self._has_vector_index = True
-                self._vector_partitions = partitions
-                created.append("ivf")
+        if (
+            self.vector_dim is not None
+            and not self._has_vector_index
+            and self.count_rows("vector IS NOT NULL") >= VECTOR_INDEX_MIN_ROWS
+        ):
+            self._build_vector_index()
+            created.append("ivf")
+        if created:
+            self.warm()
         return created
 
-    def optimize(self) -> None:
-        """Compact files, fold new rows into the indexes, drop old versions."""
+    def _build_vector_index(self) -> None:
+        from lancedb.index import IvfFlat
+
+        self.table.create_index(
+            "vector",
+            config=IvfFlat(distance_type="cosine", target_partition_size=VECTOR_PARTITION_ROWS),
+            replace=True,
+        )
+        self._has_vector_index = True
+
+    def _vector_deltas(self) -> int:
+        for index in self.table.list_indices():
+            if list(index.columns) == ["vector"]:
+                stats = self.table.index_stats(index.name)
+                return int(stats.num_indices or 1) if stats is not None else 1
+        return 0
+
+    def optimize(self) -> list[str]:
+        """Compact files, fold new rows into the indexes, drop old versions; names of
+        the indexes built again."""
         self.table.optimize(cleanup_older_than=CLEANUP_OLDER_THAN)
+        rebuilt: list[str] = []
+        if self._has_vector_index and self._vector_deltas() > VECTOR_MAX_DELTAS:
+            self._build_vector_index()
+            rebuilt.append("ivf")
+        self.warm()
+        return rebuilt
+
+    def warm(self) -> None:
+        """Load the indexes into memory now, on the index worker's thread, not in the
+        first search after a change: a new version of the vector index is read
+        whole (90 MB at 60k rows) by the first query that touches it. On object
+        storage only what a query reads anyway is fetched."""
+        try:
+            if self._has_vector_index and self.vector_dim is not None:
+                self._vector_partitions = self._count_partitions()
+                if not self.remote:
+                    probe = np.zeros(self.vector_dim, dtype=np.float32)
+                    probe[0] = 1.0
+                    self._vector_query(probe, 1, self._vector_partitions or None).to_arrow()
+            if self._has_fts:
+                self.search_lexical(["def"], 1)
+        except Exception as exc:  # a cold cache is slower, nothing worse
+            log.debug("warming the index caches failed: %s", exc)
+
+    def _count_partitions(self) -> int:
+        """Partitions of the IVF index now (optimize() splits and joins them), 0 if unknown."""
+        assert self.vector_dim is not None
+        probe = np.zeros(self.vector_dim, dtype=np.float32)
+        probe[0] = 1.0
+        plan = self._vector_query(probe, 1, 1).analyze_plan()
+        ranked = sum(int(n) for n in _PARTITIONS_RANKED.findall(plan))
+        deltas = sum(int(n) for n in _DELTAS_SEARCHED.findall(plan))
+        return ranked // max(1, deltas)
+
+    def nprobes(self) -> int | None:
+        """Partitions a vector query searches in each delta (None: no vector index, the
+        search is flat)."""
+        if not self._has_vector_index:
+            return None
+        partitions = self._vector_partitions
+        if partitions <= 0:  # unknown: what the target size gives
+            rows = self.count_rows("vector IS NOT NULL")
+            partitions = max(1, rows // VECTOR_PARTITION_ROWS)
+        wanted = math.ceil(partitions * self.probe_fraction)
+        return min(partitions, max(VECTOR_MIN_PROBES, wanted))
 
     # --- searching -----------------------------------------------------------
 
@@ -592,16 +663,17 @@ class ChunkStore:
         )
         return self._hits(data, "_score")
 
-    def search_vector(self, vector: np.ndarray, limit: int) -> list[StoredChunk]:
-        """Nearest chunks by cosine distance (empty for a lexical-only index)."""
-        if self.vector_dim is None or limit <= 0:
-            return []
+    def _vector_query(self, vector: np.ndarray, limit: int, nprobes: int | None) -> Any:
         query = (
             self.table.search(np.asarray(vector, dtype=np.float32), vector_column_name="vector")
             .distance_type("cosine")
             .select([*RESULT_COLUMNS, "_distance"])
             .limit(limit)
         )
-        if self._has_vector_index:
-            query = query.nprobes(max(8, self._vector_partitions // 8))
-        return self._hits(query.to_arrow(), "_distance")
+        return query.nprobes(nprobes) if nprobes else query
+
+    def search_vector(self, vector: np.ndarray, limit: int) -> list[StoredChunk]:
+        """Nearest chunks by cosine distance (empty for a lexical-only index)."""
+        if self.vector_dim is None or limit <= 0:
+            return []
+        return self._hits(self._vector_query(vector, limit, self.nprobes()).to_arrow(), "_distance")

@@ -1,0 +1,93 @@
+"""The chunk table's vector index: its partitions survive optimize(), a query searches
+a fraction of them, and the deltas that optimize() adds are folded back in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exlsp.index import store as store_module
+from exlsp.index.chunk import Chunk
+from exlsp.index.store import ChunkStore, FileState
+
+DIM = 32
+FILES = 100
+PER_FILE = 30
+
+
+def chunks_of(n: int, version: int = 0) -> list[Chunk]:
+    return [
+        Chunk(
+            id=f"f{n}-{k}-v{version}",
+            path=f"pkg/f{n}.py",
+            language="python",
+            symbol=f"fn_{n}_{k}",
+            kind="function",
+            start_line=2 * k,
+            end_line=2 * k + 2,
+            text=f"def fn_{n}_{k}(x):\n    return x + {version}\n",
+        )
+        for k in range(PER_FILE)
+    ]
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ChunkStore:
+    monkeypatch.setattr(store_module, "VECTOR_INDEX_MIN_ROWS", 2000)
+    monkeypatch.setattr(store_module, "VECTOR_PARTITION_ROWS", 256)
+    monkeypatch.setattr(store_module, "VECTOR_MAX_DELTAS", 3)
+    monkeypatch.setattr(store_module, "SCALAR_INDEX_MIN_ROWS", 1_000_000)
+    st = ChunkStore(tmp_path / "db", {"test": 1}, DIM)
+    st.open()
+    st.replace_files(
+        {f"pkg/f{n}.py": (FileState(f"h{n}", 0, 0), chunks_of(n)) for n in range(FILES)},
+        new=True,
+    )
+    return st
+
+
+def unit_vectors(n: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_vector_index_partitions_survive_optimize(store: ChunkStore) -> None:
+    ids = [f"f{n}-{k}-v0" for n in range(FILES) for k in range(PER_FILE)]
+    vectors = unit_vectors(len(ids), 0)
+    store.set_vectors(ids, vectors)
+    assert store.nprobes() is None  # no vector index yet: flat search
+
+    assert "ivf" in store.ensure_indexes()
+    partitions = store._vector_partitions
+    assert partitions >= 8  # about 3000 / 256
+    probes = store.nprobes()
+    assert probes is not None and store_module.VECTOR_MIN_PROBES <= probes < partitions
+
+    store.optimize()
+    assert store._vector_partitions == partitions
+    for i in (5, 1234, 2999):
+        hits = store.search_vector(vectors[i], 3)
+        assert hits[0].id == ids[i] and hits[0].score < 1e-4
+
+
+def test_delta_indexes_are_folded_back(store: ChunkStore) -> None:
+    ids = [f"f{n}-{k}-v0" for n in range(FILES) for k in range(PER_FILE)]
+    store.set_vectors(ids, unit_vectors(len(ids), 1))
+    store.ensure_indexes()
+    partitions = store._vector_partitions
+    deltas_seen = []
+    for version in range(1, 8):
+        n = version  # rewrite one file, then give its new chunks vectors
+        store.replace_files(
+            {f"pkg/f{n}.py": (FileState(f"h{n}v{version}", 0, 0), chunks_of(n, version))}
+        )
+        new_ids = [c.id for c in chunks_of(n, version)]
+        store.set_vectors(new_ids, unit_vectors(len(new_ids), 100 + version))
+        store.optimize()
+        deltas_seen.append(store._vector_deltas())
+        assert store._vector_partitions == partitions
+    assert max(deltas_seen) <= store_module.VECTOR_MAX_DELTAS
+    assert min(deltas_seen) < max(deltas_seen)  # rebuilt at least once
+    assert store.count_rows("vector IS NOT NULL") == FILES * PER_FILE
