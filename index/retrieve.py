@@ -1,11 +1,15 @@
 """The index as the engine's `ContextSource`: snippets for the code around the cursor.
 
 The query is the window of lines around the cursor: its identifiers (nearest
-lines first) for BM25, its text for the embedding. Chunks of the current file
-that the prompt already shows (within `excludeLines` of the cursor) are left
-out. Recently edited ranges of other documents come first, then the fused
-search hits, until `budget_chars` is used. The engine decides when to ask
-(snippets are sticky) and trims by tokens.
+lines first) for BM25, its text for the embedding. The query is never embedded
+while a request waits: the vector side uses the query vector already computed
+for this place (the same text, or the cursor a few lines away), and a missing
+one is computed in the background for the next time (`QueryVectorCache`);
+until then the search is lexical. Chunks of the current file that the prompt
+already shows (within `excludeLines` of the cursor) are left out. Recently
+edited ranges of other documents come first, then the fused search hits, until
+`budget_chars` is used. The engine decides when to ask (snippets are sticky)
+and trims by tokens.
 """
 
 from __future__ import annotations
@@ -100,6 +104,8 @@ class WorkspaceRetriever:
         self.index = index
         self.config = config or index.config
         self._last_warning = 0.0
+        # How the last query got its vector: "exact", "near" or "miss".
+        self.last_vector = "miss"
 
     async def snippets(self, document: DocumentView, budget_chars: int) -> list[Snippet]:
         if budget_chars <= 0:
@@ -134,9 +140,17 @@ class WorkspaceRetriever:
         def keep(c: StoredChunk) -> bool:
             return not (c.path == current and c.start_line < hi and c.end_line > lo)
 
+        vector, self.last_vector = self.index.query_vectors.lookup(
+            current, document.line, vector_text
+        )
         try:
             hits = self.index.search(
-                text, limit=2 * cfg.maxSnippets, keep=keep, lines=nearest, vector_text=vector_text
+                text,
+                limit=2 * cfg.maxSnippets,
+                keep=keep,
+                lines=nearest,
+                query_vector=vector,
+                embed=False,
             )
         except Exception as exc:  # retrieval is a bonus: a failure means fewer snippets
             now = time.monotonic()
@@ -144,6 +158,9 @@ class WorkspaceRetriever:
                 self._last_warning = now
                 log.warning("workspace retrieval failed: %s", exc)
             hits = []
+        if self.last_vector != "exact":
+            # For the next refresh here; after the search, not competing with it.
+            self.index.query_vectors.request(current, document.line, vector_text)
         candidates.extend(
             Snippet(
                 path=h.path,

@@ -7,7 +7,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from exlsp.index.embed import Embedder
+import numpy as np
+
 from exlsp.index.store import ChunkStore, StoredChunk
 
 log = logging.getLogger(__name__)
@@ -53,11 +54,18 @@ def rrf_fuse(rankings: Sequence[Sequence[str]], k: int = RRF_K) -> list[tuple[st
     return sorted(scores.items(), key=lambda item: (-item[1], order[item[0]]))
 
 
+def _vector_side(store: ChunkStore, vector: np.ndarray, fetch: int) -> list[StoredChunk]:
+    try:
+        return store.search_vector(vector, fetch)
+    except Exception as exc:  # vectors are a bonus: lexical still answers
+        log.debug("vector search failed: %s", exc)
+        return []
+
+
 def hybrid_search(
     store: ChunkStore,
-    embedder: Embedder | None,
     terms: Sequence[str],
-    vector_text: str,
+    query_vector: np.ndarray | None,
     limit: int,
     *,
     candidates: int = 50,
@@ -69,38 +77,32 @@ def hybrid_search(
 ) -> list[SearchHit]:
     """The best `limit` chunks for a query, fused from both rankings.
 
-    `terms`: lexical query terms (see `lexical.query_terms`); `vector_text`: the
-    text to embed. Each side fetches `candidates` rows; `keep` filters them (the
-    current file's prompt window); then the first `lexical_depth` / `vector_depth`
-    enter reciprocal rank fusion (in "hybrid" mode; a single mode uses its
-    ranking alone). With an executor the lexical query runs on it while this
-    thread embeds the query.
+    `terms`: lexical query terms (see `lexical.query_terms`); `query_vector`: the
+    query's embedding, computed by the caller (None: lexical only). Each side
+    fetches `candidates` rows; `keep` filters them (the current file's prompt
+    window); then the first `lexical_depth` / `vector_depth` enter reciprocal
+    rank fusion (in "hybrid" mode; a single mode uses its ranking alone). With an
+    executor the vector query runs on it while this thread runs the lexical one.
     """
     use_lexical = mode in {"hybrid", "lexical"} and bool(terms)
     use_vector = (
-        mode in {"hybrid", "vector"}
-        and embedder is not None
-        and store.vector_dim is not None
-        and bool(vector_text.strip())
+        mode in {"hybrid", "vector"} and query_vector is not None and store.vector_dim is not None
     )
     lexical: list[StoredChunk] = []
     vector: list[StoredChunk] = []
     future = None
-    if use_lexical and use_vector and executor is not None:
-        future = executor.submit(store.search_lexical, terms, candidates)
-    elif use_lexical:
+    if use_vector and query_vector is not None:
+        # In hybrid mode only the top `vector_depth` count: fetch a few more than
+        # that (some may be filtered out), not every candidate.
+        fetch = candidates if not use_lexical else min(candidates, 3 * vector_depth)
+        if use_lexical and executor is not None:
+            future = executor.submit(_vector_side, store, query_vector, fetch)
+        else:
+            vector = _vector_side(store, query_vector, fetch)
+    if use_lexical:
         lexical = store.search_lexical(terms, candidates)
-    if use_vector and embedder is not None:
-        try:
-            # In hybrid mode only the top `vector_depth` count: fetch a few more than
-            # that (some may be filtered out), not every candidate.
-            fetch = candidates if not use_lexical else min(candidates, 3 * vector_depth)
-            vector = store.search_vector(embedder.embed_query(vector_text), fetch)
-        except Exception as exc:  # vectors are a bonus: lexical still answers
-            log.debug("vector search failed: %s", exc)
-            vector = []
     if future is not None:
-        lexical = future.result()
+        vector = future.result()
     if keep is not None:
         lexical = [c for c in lexical if keep(c)]
         vector = [c for c in vector if keep(c)]

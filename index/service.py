@@ -26,12 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import platformdirs
 
 from exlsp.index.chunk import Chunk, Chunker
 from exlsp.index.config import IndexConfig
 from exlsp.index.embed import (
     Embedder,
+    QueryVectorCache,
     embedding_input,
     load_embedder,
     peek_dimension,
@@ -76,8 +78,15 @@ PROGRESS_INTERVAL_S = 0.25
 MAX_RECENT_EDITS = 32
 # Terms of a lexical query (the nearest lines' first): more cost time, not recall.
 QUERY_TERMS = 32
-# A batch larger than this reports progress.
+# A batch larger than this reports progress, and gives way to completions.
 LARGE_BATCH = 50
+# While the completion backend is busy, heavy index work (scans, embedding, index
+# builds) waits, polling this often, but at most YIELD_MAX_S before each step so
+# that a user who types without pause still gets an index.
+YIELD_POLL_S = 0.02
+YIELD_MAX_S = 2.0
+# Files a scan reads between two looks at the completion backend.
+YIELD_EVERY_FILES = 16
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,9 @@ class IndexStats:
     last_error: str | None
     scan_seconds: float | None
     commits: int
+    # Query embeddings computed (off the request path), and the last one's time.
+    query_vectors: int = 0
+    query_vector_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +155,8 @@ class WorkspaceIndex:
     watch the folder with watchdog; pass False when the editor sends
     `workspace/didChangeWatchedFiles` (then feed them to `file_events`).
     `embedder` replaces the configured embedding model (tests, benchmarks).
+    `busy` says whether completions are being computed: heavy index work (scans,
+    the embedding backlog, index builds) waits while it says so.
     """
 
     def __init__(
@@ -153,6 +167,7 @@ class WorkspaceIndex:
         *,
         use_watchdog: bool = True,
         embedder: Embedder | None = None,
+        busy: Callable[[], bool] | None = None,
     ) -> None:
         self.root = Path(root).resolve()
         self.config = config or IndexConfig()
@@ -164,6 +179,7 @@ class WorkspaceIndex:
         self._on_progress = on_progress
         self._use_watchdog = use_watchdog
         self._given_embedder = embedder
+        self._busy = busy
         self._files_rules = WorkspaceFiles(self.root, self.config)
         self._chunker = Chunker(self.config.chunkLines, self.config.chunkOverlap)
 
@@ -203,6 +219,7 @@ class WorkspaceIndex:
         self._search_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="exlsp-search")
         self._embed_batch = EMBED_BATCH
         self._failures = 0
+        self.query_vectors = QueryVectorCache(lambda: self._embedder)
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -225,6 +242,7 @@ class WorkspaceIndex:
         if thread is not None:
             thread.join(timeout)
         self._search_pool.shutdown(wait=False)
+        self.query_vectors.close()
         if thread is not None and thread.is_alive():
             # Still inside a write: the lock goes with the process, not before.
             log.warning("index worker did not stop within %.0f s", timeout)
@@ -281,9 +299,15 @@ class WorkspaceIndex:
             self._cond.notify_all()
 
     def note_edit(self, uri_or_path: str, text: str, line: int) -> None:
-        """Remember that the lines starting at `line` now read `text` (an unsaved edit)."""
+        """Remember that the lines starting at `line` now read `text` (an unsaved edit).
+
+        Edits of secret files (the deny-list, inside the workspace or not) are not
+        kept: they would end up in prompts.
+        """
         rel = self._files_rules.relpath(uri_or_path)
         path = rel if rel else uri_or_path
+        if self._files_rules.is_denied(rel or self._files_rules.plain_path(uri_or_path)):
+            return
         lines = max(1, text.count("\n") + (0 if text.endswith("\n") else 1))
         edit = RecentEdit(path, max(0, line), max(0, line) + lines, text, time.monotonic())
         with self._cond:
@@ -333,11 +357,15 @@ class WorkspaceIndex:
         keep: Callable[[StoredChunk], bool] | None = None,
         lines: Sequence[str] | None = None,
         vector_text: str | None = None,
+        query_vector: np.ndarray | None = None,
+        embed: bool = True,
     ) -> list[SearchHit]:
         """Search the index (thread-safe, blocking: call it off the event loop).
 
         `lines`, when given, are the query's lines nearest-first for the lexical
-        terms (`query` is still what gets embedded unless `vector_text` is given).
+        terms. The vector side uses `query_vector`, or else (with `embed`) embeds
+        `vector_text` (default: `query`) on this thread; without either the
+        search is lexical.
         """
         store = self._store
         if store is None or self._stopping:
@@ -345,11 +373,24 @@ class WorkspaceIndex:
         terms = query_terms(
             lines if lines is not None else query.splitlines() or [query], QUERY_TERMS
         )
+        embedder = self._embedder
+        text = vector_text if vector_text is not None else query
+        if (
+            query_vector is None
+            and embed
+            and mode != "lexical"
+            and embedder is not None
+            and store.vector_dim is not None
+            and text.strip()
+        ):
+            try:
+                query_vector = embedder.embed_query(text)
+            except Exception as exc:  # vectors are a bonus: lexical still answers
+                log.debug("query embedding failed: %s", exc)
         return hybrid_search(
             store,
-            self._embedder,
             terms,
-            vector_text if vector_text is not None else query,
+            query_vector,
             limit,
             candidates=max(50, 2 * limit),
             keep=keep,
@@ -372,6 +413,8 @@ class WorkspaceIndex:
             last_error=self._last_error,
             scan_seconds=self._scan_seconds,
             commits=self._commits,
+            query_vectors=self.query_vectors.computed,
+            query_vector_ms=self.query_vectors.last_ms,
         )
 
     # --- the worker ----------------------------------------------------------
@@ -385,6 +428,20 @@ class WorkspaceIndex:
 
     def _on_watch_events(self, events: list[FileEvent]) -> None:
         self.file_events(events)
+
+    def _yield_to_completions(self) -> None:
+        """Wait (up to YIELD_MAX_S) while completions are being computed."""
+        busy = self._busy
+        if busy is None:
+            return
+        deadline = time.monotonic() + YIELD_MAX_S
+        while not self._stopping and time.monotonic() < deadline:
+            try:
+                if not busy():
+                    return
+            except Exception:  # a broken probe must not stall the index
+                return
+            time.sleep(YIELD_POLL_S)
 
     def _emit(self, event: ProgressEvent) -> None:
         if self._on_progress is None:
@@ -637,6 +694,8 @@ class WorkspaceIndex:
         for done, rel in enumerate(paths, start=1):
             if self._stopping:
                 break
+            if always_report and done % YIELD_EVERY_FILES == 0:
+                self._yield_to_completions()
             old = self._files.get(rel)
             if old is not None and self._files_rules.stat_key(rel) == (old.mtime_ns, old.size):
                 seen.add(rel)
@@ -712,6 +771,7 @@ class WorkspaceIndex:
             self._backlog = False
             return None
         self._state = "embedding"
+        self._yield_to_completions()
         if progress is None:
             missing = store.count_rows("vector IS NULL")
             progress = [0, missing]
@@ -767,6 +827,7 @@ class WorkspaceIndex:
 
     def _after_writes(self, *, force_optimize: bool = False) -> None:
         store = self._require_store()
+        self._yield_to_completions()
         created = store.ensure_indexes()
         if created:
             log.info("index %s: built %s index", self.root, ", ".join(created))

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from exlsp.completion.types import ContextSource, DocumentView, Snippet
-from exlsp.index.embed import default_model_dir
+from exlsp.index.embed import QueryVectorCache, default_model_dir
 from exlsp.index.retrieve import WorkspaceRetriever, fill_budget, query_window
 from exlsp.index.search import rrf_fuse
 from exlsp.index.service import WorkspaceIndex
-from tests.index_helpers import SECRET_MARKER, config_for, write, write_workspace
+from tests.index_helpers import (
+    SECRET_MARKER,
+    FakeEmbedder,
+    config_for,
+    write,
+    write_workspace,
+)
 
 CALLER = """from geometry import helpers
 
@@ -140,6 +149,90 @@ def test_query_window_orders_nearest_first() -> None:
     text, nearest = query_window(doc, before=2, after=1)
     assert text == "l3\nl4\nl5\nl6\n"
     assert nearest == ["l5\n", "l4\n", "l6\n", "l3\n"]
+
+
+class SlowEmbedder(FakeEmbedder):
+    """A fake embedder that takes its time and notes the threads it runs on."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.threads: set[int] = set()
+
+    def embed_query(self, text: str) -> np.ndarray:
+        self.threads.add(threading.get_ident())
+        time.sleep(self.delay)
+        return super().embed_query(text)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return np.stack([super(SlowEmbedder, self).embed_query(t) for t in texts])
+
+
+def test_query_vectors_are_computed_off_the_callers_thread() -> None:
+    embedder = SlowEmbedder(delay=0.3)
+    cache = QueryVectorCache(lambda: embedder, near_lines=12)
+    try:
+        assert cache.lookup("a.py", 40, "total = sum_of_parts(parts)\n") == (None, "miss")
+        started = time.monotonic()
+        cache.request("a.py", 40, "total = sum_of_parts(parts)\n")
+        assert time.monotonic() - started < embedder.delay  # did not wait for it
+        assert cache.wait_idle(10)
+        assert threading.get_ident() not in embedder.threads and embedder.threads
+        exact, how = cache.lookup("a.py", 40, "total = sum_of_parts(parts)\n")
+        assert how == "exact" and exact is not None
+        assert np.allclose(exact, embedder.embed_query("total = sum_of_parts(parts)\n"))
+        # A few lines away the window's text differs: the vector computed nearby serves
+        # at once, and the new text is computed for next time.
+        near, how = cache.lookup("a.py", 45, "other = count_pieces(parts)\n")
+        assert how == "near" and near is not None and np.allclose(near, exact)
+        cache.request("a.py", 45, "other = count_pieces(parts)\n")
+        assert cache.wait_idle(10)
+        again, how = cache.lookup("a.py", 45, "other = count_pieces(parts)\n")
+        assert how == "exact" and again is not None and not np.allclose(again, exact)
+        # Far away, or in another document: nothing yet.
+        assert cache.lookup("a.py", 200, "far = away()\n") == (None, "miss")
+        assert cache.lookup("b.py", 40, "total = sum_of_parts(parts)\n") == (None, "miss")
+        assert cache.computed == 2 and cache.last_ms is not None
+        cache.request("a.py", 40, "total = sum_of_parts(parts)\n")  # known: not again
+        assert cache.wait_idle(10) and cache.computed == 2
+    finally:
+        cache.close()
+    # No model: no vectors, no thread.
+    empty = QueryVectorCache(lambda: None)
+    empty.request("a.py", 1, "x = 1\n")
+    assert empty.lookup("a.py", 1, "x = 1\n") == (None, "miss")
+    assert empty._thread is None
+
+
+async def test_retriever_never_waits_for_the_query_embedding(root: Path, tmp_path: Path) -> None:
+    embedder = SlowEmbedder(delay=0.5)
+    index = WorkspaceIndex(root, config_for(tmp_path), use_watchdog=False, embedder=embedder)
+    index.start()
+    try:
+        assert index.wait_idle(60)
+        assert index.stats().chunks_with_vectors == index.stats().chunks > 0
+        retriever = WorkspaceRetriever(index)
+        doc = document(root, "app/report.py", 6)
+        started = time.monotonic()
+        first = await retriever.snippets(doc, budget_chars=4000)
+        assert time.monotonic() - started < embedder.delay
+        assert retriever.last_vector == "miss"
+        assert first and first[0].path == "geometry/hull.py"  # lexical alone finds it
+        assert index.query_vectors.wait_idle(10)
+        second = await retriever.snippets(doc, budget_chars=4000)
+        assert retriever.last_vector == "exact"
+        assert second[0].path == "geometry/hull.py"
+        assert index.stats().query_vectors == 1
+        # The vector side took part: a search with that vector ranks by both.
+        vector, _ = index.query_vectors.lookup("app/report.py", 6, "")
+        text, nearest = query_window(doc, 15, 5)
+        vec = embedder.embed_query(query_window(doc, 8, 2)[0])
+        hits = index.search(text, 8, lines=nearest, query_vector=vec)
+        assert any(h.vector_rank is not None for h in hits)
+        assert all(h.vector_rank is None for h in index.search(text, 8, embed=False))
+        assert vector is None  # an empty query text is never embedded
+    finally:
+        index.stop()
 
 
 async def test_snippets_before_the_index_is_ready(root: Path, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -289,6 +290,47 @@ def test_embedding_backlog_fills_vectors_and_keeps_unchanged_ones(
         assert index.wait_idle(30)
         assert sum(embedder.batch_sizes) == 1
         assert index.stats().chunks_with_vectors == index.stats().chunks
+    finally:
+        index.stop()
+
+
+def test_secret_files_edits_are_not_kept(started: WorkspaceIndex, root: Path) -> None:
+    secret = f"API_TOKEN={SECRET_MARKER}\n"
+    started.note_edit((root / ".env").as_uri(), secret, 0)
+    started.note_edit(str(root / "config" / "credentials.json"), secret, 3)
+    started.note_edit("file:///home/someone/.aws/credentials", secret, 0)  # outside
+    started.note_edit("/home/someone/.ssh/config", secret, 0)
+    assert started.recent_edits(limit=10) == []
+    started.note_edit(str(root / "src" / "geometry.py"), "    return 3\n", 5)
+    assert [e.path for e in started.recent_edits(limit=10)] == ["src/geometry.py"]
+
+
+def test_heavy_work_waits_while_completions_run(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service_module, "YIELD_MAX_S", 60.0)
+    for n in range(3 * service_module.YIELD_EVERY_FILES):
+        write(root / "many" / f"mod_{n}.py", f"def many_{n}(x):\n    return x * {n}\n")
+    busy = threading.Event()
+    busy.set()
+    asked = threading.Event()
+
+    def completions_busy() -> bool:
+        asked.set()
+        return busy.is_set()
+
+    index = WorkspaceIndex(root, config_for(tmp_path), use_watchdog=False, busy=completions_busy)
+    index.start()
+    try:
+        assert asked.wait(30)
+        # The scan stopped part-way and stays there while completions run.
+        assert not index.wait_idle(1.5, embeddings=False)
+        assert index.stats().state == "scanning"
+        busy.clear()
+        assert index.wait_idle(60)
+        assert sum(1 for p in indexed_paths(index) if p.startswith("many/")) == len(
+            list((root / "many").iterdir())
+        )
     finally:
         index.stop()
 
