@@ -42,10 +42,19 @@ class ChangeKind(enum.StrEnum):
 
 FileEvent = tuple[str, ChangeKind]
 
+# A burst of at least this many paths (a branch switch, a build) is gathered until
+# a longer pause, BURST_QUIET_S, and for up to BURST_MAX_WAIT_S: a checkout
+# whose events come in stages, or a busy machine that delays them, still makes
+# one batch. A single save keeps the short pause.
+BURST_EVENTS = 100
+BURST_QUIET_S = 1.0
+BURST_MAX_WAIT_S = 10.0
+
 
 class Debouncer:
     """Collects path events until `quiet_s` passes without one (or `max_wait_s` in all).
 
+    A burst of BURST_EVENTS paths or more waits for a longer pause (see there).
     Not thread-safe: the owner guards it. Times come from the caller's monotonic clock.
     A path's latest event wins; the kind is only a hint (every path is re-checked
     on disk when its batch runs).
@@ -76,7 +85,10 @@ class Debouncer:
         """Seconds until the pending batch is due (0: now); None when nothing is pending."""
         if not self._pending:
             return None
-        due = min(self._last + self.quiet_s, self._first + self.max_wait_s)
+        quiet, max_wait = self.quiet_s, self.max_wait_s
+        if len(self._pending) >= BURST_EVENTS:
+            quiet, max_wait = max(quiet, BURST_QUIET_S), max(max_wait, BURST_MAX_WAIT_S)
+        due = min(self._last + quiet, self._first + max_wait)
         return max(0.0, due - now)
 
     def drain(self) -> dict[str, ChangeKind]:
