@@ -99,3 +99,68 @@ async def test_prompt_holds_the_definition_from_another_file(client: LanguageCli
     # Indexing reported $/progress to the client (begin ... end).
     kinds = [p.kind for reports in client.progress_reports.values() for p in reports]
     assert "begin" in kinds and "end" in kinds
+
+
+@pytest_lsp.fixture(
+    config=ClientServerConfig(server_command=[sys.executable, "-m", "exlsp.server", "serve"])
+)
+async def watching_client(lsp_client: LanguageClient, tmp_path: Path, trained_model: Path):  # type: ignore[no-untyped-def]
+    """A client that watches files itself (dynamic registration of didChangeWatchedFiles)."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "util.py").write_text(UTIL)
+    lsp_client.registrations = []  # type: ignore[attr-defined]
+
+    @lsp_client.feature(types.CLIENT_REGISTER_CAPABILITY)
+    def register(params: types.RegistrationParams) -> None:
+        lsp_client.registrations.extend(params.registrations)  # type: ignore[attr-defined]
+
+    await lsp_client.initialize_session(
+        types.InitializeParams(
+            capabilities=types.ClientCapabilities(
+                workspace=types.WorkspaceClientCapabilities(
+                    did_change_watched_files=types.DidChangeWatchedFilesClientCapabilities(
+                        dynamic_registration=True
+                    )
+                ),
+            ),
+            root_uri=ws.as_uri(),
+            initialization_options={
+                "model": {"path": str(trained_model), "device": "cpu", "threads": 1},
+                "index": {
+                    "embeddingModel": "none",
+                    "databaseDir": str(tmp_path / "db"),
+                    "debounceMs": 50,
+                },
+            },
+        )
+    )
+    lsp_client.workspace_dir = ws  # type: ignore[attr-defined]
+    yield
+    await lsp_client.shutdown_session()
+
+
+async def test_file_events_come_from_the_client_when_it_watches(
+    watching_client: LanguageClient,
+) -> None:
+    client = watching_client
+    stats = await wait_indexed(client)
+    assert stats["index"]["files"] == 1
+    methods = [r.method for r in client.registrations]  # type: ignore[attr-defined]
+    assert methods == [types.WORKSPACE_DID_CHANGE_WATCHED_FILES]
+    # The server watches nothing itself: a new file is seen only once the client says so.
+    ws = client.workspace_dir  # type: ignore[attr-defined]
+    (ws / "added.py").write_text("def freshly_added_helper():\n    return 1\n")
+    await asyncio.sleep(1.5)
+    assert (await get_stats(client))["index"]["files"] == 1
+    client.workspace_did_change_watched_files(
+        types.DidChangeWatchedFilesParams(
+            changes=[
+                types.FileEvent(uri=(ws / "added.py").as_uri(), type=types.FileChangeType.Created)
+            ]
+        )
+    )
+    limit = time.monotonic() + 30
+    while (await get_stats(client))["index"]["files"] != 2:
+        assert time.monotonic() < limit, await get_stats(client)
+        await asyncio.sleep(0.1)

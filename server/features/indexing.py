@@ -29,6 +29,13 @@ def _root(ls: ExlspServer) -> Path | None:
     return Path(path) if path and Path(path).is_dir() else None
 
 
+def _completions_busy(ls: ExlspServer) -> bool:
+    """The completion backend runs or queues a job (heavy index work waits meanwhile)."""
+    service = ls.service
+    worker = service.worker if service is not None else None
+    return worker is not None and not worker.idle
+
+
 def _client_watches_files(ls: ExlspServer) -> bool:
     ws = ls.client_capabilities.workspace
     watched = ws.did_change_watched_files if ws else None
@@ -85,7 +92,11 @@ class ProgressReporter:
 
 async def start_index(ls: ExlspServer) -> None:
     """Start (or restart) the index for the workspace; no-op when disabled or no root."""
-    stop_index(ls)
+    old = ls.index
+    ls.index = None
+    if old is not None:
+        # Stopping waits for the worker's current write: not on the event loop.
+        await asyncio.to_thread(old.stop)
     config = ls.config.index
     root = _root(ls)
     if not config.enabled or root is None:
@@ -117,7 +128,13 @@ async def start_index(ls: ExlspServer) -> None:
             editor_events = False
     reporter = ProgressReporter(ls, asyncio.get_running_loop())
     try:
-        index = WorkspaceIndex(root, config, reporter, use_watchdog=not editor_events)
+        index = WorkspaceIndex(
+            root,
+            config,
+            reporter,
+            use_watchdog=not editor_events,
+            busy=lambda: _completions_busy(ls),
+        )
         index.start()
     except Exception as e:
         ls.show_once(f"exlsp: the workspace index is disabled: {e}", types.MessageType.Warning)
