@@ -53,8 +53,12 @@ VECTOR_INDEX_MIN_ROWS = 20_000
 # rebalances partitions towards the index's target size, and an index built with
 # sqrt(rows) partitions came back from it with 8 large ones, so that every query
 # compared every row.
-VECTOR_PARTITION_ROWS = 2048
+VECTOR_PARTITION_ROWS = 1024
 # A query searches this fraction of the partitions, and at least VECTOR_MIN_PROBES.
+# Measured on all-MiniLM-L6-v2 vectors of 4,000 Lib/ chunks in 57 partitions
+# (the partitions-to-rows ratio of 60k rows at this partition size): the ten
+# nearest found by the index agree with the exact ten at 0.948 (0.864 at 0.1,
+# 0.977 at 0.3, 0.997 at 0.5), while comparing a fifth of the rows.
 VECTOR_PROBE_FRACTION = 0.2
 VECTOR_MIN_PROBES = 4
 # optimize() adds changed rows to the vector index as a new delta index, and a
