@@ -11,11 +11,25 @@ directory (sysconfig "stdlib", without site-packages and caches):
    and recall@10 of 3-line queries cut from random chunks;
 4. with `--embed-files N`: the same on the first N modules with the real
    embedding model (all-MiniLM-L6-v2): embedding throughput, vector and hybrid
-   latency and recall (embedding all of Lib/ takes hours on a small CPU);
+   latency and recall (embedding all of Lib/ takes hours on a small CPU), and
+   the recall of the same queries through an IVF index with as many partitions
+   as Lib/ would have (what the approximate vector search costs in quality);
 5. with `--synthetic-vectors`: hybrid latency over the whole of Lib/ (IVF
    vector index) where chunk vectors are random unit vectors and only the query
    is embedded by the real model: a latency figure at full scale, not a
    quality one.
+
+Latencies of vector and hybrid queries come three ways: "vector"/"hybrid"
+embed the query first, on the calling thread (as the first version of the
+retriever did on every refresh); "vector_search"/"hybrid_search" get the query
+vector already computed, which is what a completion request pays (the
+retriever computes query vectors in the background), with the embedding time
+reported on its own as "query_embedding"; "retriever_snippets" is the
+retriever's whole call at a new place (no query vector yet: lexical) and
+"retriever_snippets_warm" the call at the same place once the vector is there.
+Every latency has a wall-clock and a CPU-time (the whole process) summary:
+on a shared machine the wall clock also measures the other jobs (the load
+average is recorded before and after each section).
 
 Results: `benchmarks/results/index-<name>.json` (machine, commit, date) and a
 table on stdout. Example:
@@ -47,6 +61,7 @@ import numpy as np
 
 from exlsp.completion.types import DocumentView
 from exlsp.index import service as service_module
+from exlsp.index import store as store_module
 from exlsp.index.config import IndexConfig
 from exlsp.index.embed import Embedder, load_embedder
 from exlsp.index.retrieve import (
@@ -98,6 +113,7 @@ def machine_info() -> dict[str, Any]:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "load_average_at_start": load_average(),
     }
     for dist in ("lancedb", "pyarrow", "tree-sitter", "sentence-transformers", "torch"):
         try:
@@ -107,22 +123,48 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def summary_ms(values: Sequence[float]) -> dict[str, float]:
+def summary_ms(values: Sequence[float], cpu: Sequence[float] = ()) -> dict[str, float]:
     if not values:
         return {}
     ordered = sorted(values)
-    return {
+    out = {
         "n": len(ordered),
         "p50_ms": round(statistics.median(ordered), 2),
         "p95_ms": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 2),
         "max_ms": round(ordered[-1], 2),
     }
+    if cpu:
+        cpu_sorted = sorted(cpu)
+        out["cpu_p50_ms"] = round(statistics.median(cpu_sorted), 2)
+        out["cpu_p95_ms"] = round(
+            cpu_sorted[min(len(cpu_sorted) - 1, int(0.95 * len(cpu_sorted)))], 2
+        )
+    return out
 
 
-def timed_ms(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[float, Any]:
-    t0 = time.perf_counter()
-    value = fn(*args, **kwargs)
-    return (time.perf_counter() - t0) * 1000, value
+class Timings:
+    """Wall-clock and process CPU time of repeated calls."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        c0, t0 = time.process_time(), time.perf_counter()
+        value = fn(*args, **kwargs)
+        self.wall.append((time.perf_counter() - t0) * 1000)
+        self.cpu.append((time.process_time() - c0) * 1000)
+        return value
+
+    def summary(self) -> dict[str, float]:
+        return summary_ms(self.wall, self.cpu)
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 # --- pieces --------------------------------------------------------------------------
@@ -143,12 +185,13 @@ def copy_stdlib(dest: Path, only: int | None = None) -> Path:
 def build(
     root: Path, config: IndexConfig, embedder: Embedder | None = None, watch: bool = False
 ) -> tuple[WorkspaceIndex, dict[str, Any]]:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     index = WorkspaceIndex(root, config, use_watchdog=watch, embedder=embedder)
     index.start()
     if not index.wait_idle(3600, embeddings=False):
         raise RuntimeError("the scan did not finish")
     lexical_s = time.perf_counter() - t0
+    lexical_cpu_s = time.process_time() - c0
     if not index.wait_idle(6 * 3600):
         raise RuntimeError("the embedding backlog did not finish")
     total_s = time.perf_counter() - t0
@@ -160,6 +203,7 @@ def build(
         "chunks": stats.chunks,
         "chunks_with_vectors": stats.chunks_with_vectors,
         "lexical_ready_s": round(lexical_s, 2),
+        "lexical_ready_cpu_s": round(lexical_cpu_s, 2),  # CPU time of all threads
         "total_s": round(total_s, 2),
         "chunks_per_s_lexical": round(stats.chunks / lexical_s, 1),
     }
@@ -195,10 +239,9 @@ def three_line_queries(chunks: list[dict[str, Any]], n: int, rng: random.Random)
 
 def recall_at_10(index: WorkspaceIndex, queries: list[Any], mode: str) -> dict[str, Any]:
     strict = lenient = 0
-    latencies = []
+    timings = Timings()
     for q, cid in queries:
-        ms, hits = timed_ms(index.search, q, limit=10, mode=mode)
-        latencies.append(ms)
+        hits = timings(index.search, q, limit=10, mode=mode)
         if any(h.id == cid for h in hits):
             strict += 1
             lenient += 1
@@ -208,7 +251,7 @@ def recall_at_10(index: WorkspaceIndex, queries: list[Any], mode: str) -> dict[s
     return {
         "recall_at_10": round(strict / n, 4),
         "recall_at_10_any_chunk_with_the_lines": round(lenient / n, 4),
-        "latency": summary_ms(latencies),
+        "latency": timings.summary(),
     }
 
 
@@ -226,24 +269,64 @@ def cursor_documents(root: Path, n: int, rng: random.Random) -> list[DocumentVie
 
 
 def cursor_latency(
-    index: WorkspaceIndex, docs: list[DocumentView], modes: Sequence[str]
+    index: WorkspaceIndex,
+    docs: list[DocumentView],
+    modes: Sequence[str],
+    embedder: Embedder | None = None,
+    all_partitions: bool = False,
 ) -> dict[str, Any]:
-    """Latency of the retriever's own query (the windows around the cursor), per mode."""
+    """Latency of the retriever's own query (the windows around the cursor), per mode.
+
+    With `embedder`: also the query embedding alone, and vector / hybrid searches
+    given the query vector; with `all_partitions`, those searches again with
+    every IVF partition probed (the exhaustive search the index did before).
+    """
     retriever = WorkspaceRetriever(index)
     cfg = index.config
+    windows = []
+    for doc in docs:
+        text, nearest = query_window(doc, cfg.queryLinesBefore, cfg.queryLinesAfter)
+        vector_text, _ = query_window(doc, VECTOR_LINES_BEFORE, VECTOR_LINES_AFTER)
+        windows.append((text, nearest, vector_text))
     out: dict[str, Any] = {}
     for mode in modes:
-        times = []
-        for doc in docs:
-            text, nearest = query_window(doc, cfg.queryLinesBefore, cfg.queryLinesAfter)
-            vector_text, _ = query_window(doc, VECTOR_LINES_BEFORE, VECTOR_LINES_AFTER)
-            ms, _ = timed_ms(
-                index.search, text, 16, mode=mode, lines=nearest, vector_text=vector_text
-            )
-            times.append(ms)
-        out[mode] = summary_ms(times)
-    times = [timed_ms(retriever.snippets_sync, d, 4000)[0] for d in docs]
-    out["retriever_snippets"] = summary_ms(times)
+        timings = Timings()
+        for text, nearest, vector_text in windows:
+            timings(index.search, text, 16, mode=mode, lines=nearest, vector_text=vector_text)
+        out[mode] = timings.summary()
+    if embedder is not None:
+        embedding = Timings()
+        vectors = [embedding(embedder.embed_query, vt) for _, _, vt in windows]
+        out["query_embedding"] = embedding.summary()
+        store = index._store
+        assert store is not None
+        variants = [("", store.probe_fraction)]
+        if all_partitions and store.nprobes() is not None:
+            variants.append(("_all_partitions", 1.0))
+        for suffix, fraction in variants:
+            store.probe_fraction = fraction
+            try:
+                for mode in ("vector", "hybrid"):
+                    timings = Timings()
+                    for (text, nearest, _), vec in zip(windows, vectors, strict=True):
+                        timings(index.search, text, 16, mode=mode, lines=nearest, query_vector=vec)
+                    out[f"{mode}_search{suffix}"] = timings.summary()
+            finally:
+                store.probe_fraction = variants[0][1]
+        out["nprobes"] = store.nprobes()
+        out["partitions"] = store._vector_partitions or None
+    # The retriever at a new place (no query vector yet), then at the same place again
+    # once the background embedding is done (not timed: it runs off the request path).
+    cold, warm = Timings(), Timings()
+    vector_use: dict[str, int] = {}
+    for doc in docs:
+        cold(retriever.snippets_sync, doc, 4000)
+        index.query_vectors.wait_idle(60)
+        warm(retriever.snippets_sync, doc, 4000)
+        vector_use[retriever.last_vector] = vector_use.get(retriever.last_vector, 0) + 1
+    out["retriever_snippets"] = cold.summary()
+    out["retriever_snippets_warm"] = warm.summary()
+    out["retriever_snippets_warm"]["query_vector"] = vector_use
     return out
 
 
@@ -297,6 +380,10 @@ class SyntheticEmbedder:
 # --- the run -------------------------------------------------------------------------
 
 
+class _Skip(Exception):
+    pass
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     results: dict[str, Any] = {"machine": machine_info(), "args": vars(args).copy()}
@@ -305,12 +392,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         root = copy_stdlib(work / "Lib")
         results["workspace"] = str(Path(sysconfig.get_paths()["stdlib"]))
 
+        sections = set(args.sections.split(","))
         # 1. Cold lexical index.
         lexical_cfg = IndexConfig(embeddingModel="none", databaseDir=str(work / "db-lexical"))
+        load_before = load_average()
         index, info = build(root, lexical_cfg, watch=True)
+        info["load_average_before_after"] = [load_before, load_average()]
         results["cold_lexical"] = info
         print(f"cold lexical: {info}", file=sys.stderr)
         try:
+            if "lexical" not in sections:
+                raise _Skip
             # 2. Save -> queryable.
             results["save_to_queryable"] = {
                 "editor_event": save_to_queryable(index, root, args.trials, editor=True),
@@ -321,11 +413,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             chunks = all_chunks(index)
             queries = three_line_queries(chunks, args.queries, rng)
             docs = cursor_documents(root, args.queries, rng)
+            load_before = load_average()
             results["lexical"] = {
                 "three_line_queries": recall_at_10(index, queries, "lexical"),
                 "cursor_queries": cursor_latency(index, docs, ["lexical"]),
             }
+            results["lexical"]["load_average_before_after"] = [load_before, load_average()]
             print(f"lexical: {results['lexical']}", file=sys.stderr)
+        except _Skip:
+            pass
         finally:
             index.stop()
 
@@ -336,7 +432,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results["embeddings"] = {"skipped": "no sentence-transformers or model package"}
 
         # 4. Real embeddings on a subset.
-        if args.embed_files and embedder is not None:
+        if args.embed_files and embedder is not None and "subset" in sections:
             sub = copy_stdlib(work / "Lib-subset", only=args.embed_files)
             cfg = IndexConfig(databaseDir=str(work / "db-embed"), embeddingDevice=args.device)
             index, info = build(sub, cfg, embedder=embedder)
@@ -347,24 +443,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 windows = [
                     query_window(d, VECTOR_LINES_BEFORE, VECTOR_LINES_AFTER)[0] for d in docs
                 ]
-                query_embed = [timed_ms(embedder.embed_query, w)[0] for w in windows]
+                load_before = load_average()
+                embedding = Timings()
+                for w in windows:
+                    embedding(embedder.embed_query, w)
                 results["embedded_subset"] = {
                     "index": info,
                     "model": embedder.name,
                     "device": getattr(embedder, "device", "?"),
-                    "query_embedding": summary_ms(query_embed),
+                    "query_embedding": embedding.summary(),
                     "three_line_queries": {
                         mode: recall_at_10(index, queries, mode)
                         for mode in ("lexical", "vector", "hybrid")
                     },
-                    "cursor_queries": cursor_latency(index, docs, ["lexical", "vector", "hybrid"]),
+                    "cursor_queries": cursor_latency(
+                        index, docs, ["lexical", "vector", "hybrid"], embedder=embedder
+                    ),
                 }
+                full_chunks = _get(results, "cold_lexical", "chunks")
+                if full_chunks:
+                    results["embedded_subset"]["three_line_queries_ivf"] = ivf_recall(
+                        index, queries, full_chunks
+                    )
+                results["embedded_subset"]["load_average_before_after"] = [
+                    load_before,
+                    load_average(),
+                ]
                 print(f"embedded subset: {results['embedded_subset']}", file=sys.stderr)
             finally:
                 index.stop()
 
         # 5. Full-scale hybrid latency with synthetic chunk vectors.
-        if args.synthetic_vectors and embedder is not None:
+        if args.synthetic_vectors and embedder is not None and "synthetic" in sections:
             service_module.EMBED_BATCH = service_module.MAX_EMBED_BATCH = 4096
             synthetic = SyntheticEmbedder(embedder)
             cfg = IndexConfig(databaseDir=str(work / "db-synthetic"))
@@ -374,9 +484,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 assert store is not None
                 info["vector_index"] = [i.index_type for i in store.table.list_indices()]
                 docs = cursor_documents(root, args.queries, rng)
+                load_before = load_average()
                 results["synthetic_full"] = {
                     "index": info,
-                    "cursor_queries": cursor_latency(index, docs, ["lexical", "vector", "hybrid"]),
+                    "cursor_queries": cursor_latency(
+                        index,
+                        docs,
+                        ["lexical", "vector", "hybrid"],
+                        embedder=synthetic,
+                        all_partitions=True,
+                    ),
+                    "load_average_before_after": [load_before, load_average()],
                 }
                 print(f"synthetic: {results['synthetic_full']}", file=sys.stderr)
             finally:
@@ -384,6 +502,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return results
+
+
+def ivf_recall(index: WorkspaceIndex, queries: list[Any], full_chunks: int) -> dict[str, Any]:
+    """Recall of the 3-line queries through an IVF index with as many partitions as
+    an index of `full_chunks` rows has (the subset is too small to get one itself)."""
+    store = index._store
+    assert store is not None
+    partitions = max(1, round(full_chunks / store_module.VECTOR_PARTITION_ROWS))
+    saved = store_module.VECTOR_PARTITION_ROWS
+    store_module.VECTOR_PARTITION_ROWS = max(8, store.count_rows() // partitions)
+    try:
+        store._build_vector_index()
+        store.warm()
+        out: dict[str, Any] = {
+            "partition_rows": store_module.VECTOR_PARTITION_ROWS,
+            "partitions": store._vector_partitions,
+            "nprobes": store.nprobes(),
+        }
+        for mode in ("vector", "hybrid"):
+            out[mode] = recall_at_10(index, queries, mode)
+        return out
+    finally:
+        store_module.VECTOR_PARTITION_ROWS = saved
 
 
 def _get(d: Any, *keys: str) -> Any:
@@ -458,15 +599,38 @@ def print_table(r: dict[str, Any]) -> None:
                     ">= 0.97" if mode == "hybrid" else "",
                 )
             )
-    syn = r.get("synthetic_full")
-    if syn:
-        for mode in ("lexical", "vector", "hybrid"):
+        for mode in ("vector", "hybrid"):
             rows.append(
                 (
-                    f"full {mode} p50/p95 (ms, {_get(syn, 'index', 'chunks')} chunks)",
-                    f"{_get(syn, 'cursor_queries', mode, 'p50_ms')} / "
-                    f"{_get(syn, 'cursor_queries', mode, 'p95_ms')}",
-                    "<= 20" if mode == "hybrid" else "",
+                    f"subset {mode} recall@10 through IVF",
+                    f"{_get(sub, 'three_line_queries_ivf', mode, 'recall_at_10')} "
+                    f"({_get(sub, 'three_line_queries_ivf', 'nprobes')} of "
+                    f"{_get(sub, 'three_line_queries_ivf', 'partitions')} partitions)",
+                    "",
+                )
+            )
+    syn = r.get("synthetic_full")
+    if syn:
+        chunks = _get(syn, "index", "chunks")
+        for key, target in (
+            ("lexical", ""),
+            ("query_embedding", ""),
+            ("vector", ""),
+            ("hybrid", ""),
+            ("vector_search", ""),
+            ("hybrid_search", "<= 20"),
+            ("vector_search_all_partitions", ""),
+            ("hybrid_search_all_partitions", ""),
+            ("retriever_snippets", ""),
+            ("retriever_snippets_warm", ""),
+        ):
+            q = _get(syn, "cursor_queries", key)
+            rows.append(
+                (
+                    f"full {key} p50/p95 (ms, {chunks} chunks)",
+                    f"{_get(q, 'p50_ms')} / {_get(q, 'p95_ms')} "
+                    f"(cpu {_get(q, 'cpu_p50_ms')} / {_get(q, 'cpu_p95_ms')})",
+                    target,
                 )
             )
     width = max(len(name) for name, _, _ in rows)
@@ -492,6 +656,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="full-scale hybrid latency with random chunk vectors",
     )
     parser.add_argument("--device", default="auto", help="embedding device")
+    parser.add_argument(
+        "--sections",
+        default="lexical,subset,synthetic",
+        help="after the cold lexical index (always built): lexical (save->queryable, "
+        "lexical latency and recall), subset (--embed-files), synthetic (--synthetic-vectors)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
