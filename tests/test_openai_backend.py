@@ -369,6 +369,7 @@ async def test_an_unreachable_server_is_reported_not_fatal(service) -> None:  # 
     result = await svc.complete(req())
     assert result.suggestions == []
     assert "cannot connect" in (result.error or "") and str(port) in (result.error or "")
+    assert "Connection refused" in (result.error or "")
 
 
 async def test_a_refused_key_fails_loading_without_showing_the_key(fake, service, caplog) -> None:  # type: ignore[no-untyped-def]

@@ -398,7 +398,7 @@ class OpenAIBackend:
                     f"{where}: its TLS certificate is not trusted ({reason}); set model.caFile "
                     "to its CA bundle"
                 )
-            return _RemoteError(f"cannot connect to {where}: {reason}")
+            return _RemoteError(f"cannot connect to {where}: {_os_reason(e) or reason}")
         if isinstance(e, httpx.RemoteProtocolError | httpx.ReadError):
             return _RemoteError(f"{where} broke the connection ({what}): {self._scrub(str(e))}")
         if isinstance(e, ValueError):
@@ -602,13 +602,16 @@ class OpenAIBackend:
             "max_tokens": job.max_tokens,
             "temperature": 0.0,
             "stream": True,
-            "stream_options": {"include_usage": True},
+            # Usage in every chunk (vLLM): the engine often stops reading early.
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
             "n": 1,
         }
         kind = self.server_kind
         if kind not in _VLLM_LIKE:
-            # llama.cpp: keep the KV cache of the common prefix between requests.
+            # llama.cpp: keep the KV cache of the common prefix between requests, and
+            # report it (timings.cache_n) with every token, not only at the end.
             body["cache_prompt"] = bool(reuse)
+            body["timings_per_token"] = True
         if kind != "llamacpp":
             # vLLM: keep control tokens in the text so that the stop strings see them.
             body["skip_special_tokens"] = False
@@ -809,6 +812,19 @@ class OpenAIBackend:
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
             loop.close()
+
+
+def _os_reason(e: BaseException) -> str:
+    """The operating system's words for the error under `e` ("Connection refused")."""
+    seen = 0
+    cause: BaseException | None = e
+    while cause is not None and seen < 10:
+        errno = getattr(cause, "errno", None)
+        if isinstance(cause, OSError) and not isinstance(cause, ssl.SSLError) and errno:
+            return os.strerror(errno)
+        cause = cause.__cause__ or cause.__context__
+        seen += 1
+    return ""
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:
