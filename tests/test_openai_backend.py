@@ -228,6 +228,33 @@ async def test_server_reported_cache_use_becomes_the_stats(fake, service) -> Non
     assert st.generated_tokens == 3
 
 
+async def test_llama_cpp_timings_give_the_stats_even_when_cut_early(fake, service) -> None:  # type: ignore[no-untyped-def]
+    # timings_per_token: every chunk carries them; the usage chunk never comes when the
+    # engine stops reading after the first line.
+    timings = {"cache_n": 30, "prompt_n": 5, "prompt_ms": 1.5}
+    fake.script = lambda body: [
+        ("timings", timings),
+        ("text", "return a + b\n"),
+        ("text", "\ndef other():\n"),
+        ("sleep", 2),
+        ("finish", "stop"),
+        ("done",),
+    ]
+    svc = await service(model_config(fake))
+    t0 = time.perf_counter()
+    result = await svc.complete(req())
+    st = result.stats
+    assert result.suggestions[0].text == "return a + b"
+    assert time.perf_counter() - t0 < 1.5  # cut, not read to the end
+    assert (st.reuse_known, st.prompt_tokens, st.reused_tokens, st.prefilled_tokens) == (
+        True,
+        35,
+        30,
+        5,
+    )
+    assert fake.completions[0].body["timings_per_token"] is True
+
+
 # -- token-id prompts -------------------------------------------------------------------------
 
 

@@ -144,6 +144,11 @@ async def test_typing_reuses_the_servers_cache(
     first = await served.complete(request(SOURCE, line, col))
     second = await served.complete(request(typed(SOURCE, line, col, "pr"), line, col + 2))
     prompt = served.engine.last_prompt
+    for name, st in (("first", first.stats), ("after typing 2 chars", second.stats)):
+        print(
+            f"{name}: prompt {st.prompt_tokens}, reused {st.reused_tokens}, "
+            f"prefilled {st.prefilled_tokens}, ttft {st.ttft_ms or 0:.1f} ms"
+        )
     assert first.stats.reuse_known and second.stats.reuse_known
     # Everything up to the cursor line's own tokens came from the server's KV cache.
     assert second.stats.reused_tokens >= len(prompt.ids) - prompt.segment_tokens["middle"] - 1
@@ -163,6 +168,8 @@ async def test_text_prompts_without_a_tokenizer(
     for g, w in zip(got, want, strict=True):
         assert g.stats.prompt_tokens > 0 and g.stats.reuse_known
         assert w.stats.prompt_tokens > 0
+    estimated = len(estimated.engine.last_prompt.ids)
+    print(f"last prompt: {estimated} tokens estimated, {got[-1].stats.prompt_tokens} on the server")
 
 
 def test_a_cancelled_generation_frees_the_server(llama: LlamaServer, trained_model: Path) -> None:

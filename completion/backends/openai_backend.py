@@ -863,6 +863,9 @@ def _apply_server_stats(
     if timings:
         if isinstance(timings.get("cache_n"), int):
             cached = timings["cache_n"]
+            if isinstance(timings.get("prompt_n"), int):
+                # llama.cpp: the prompt was cache_n reused tokens plus prompt_n new ones.
+                stats.prompt_tokens = cached + timings["prompt_n"]
         if isinstance(timings.get("prompt_ms"), int | float):
             stats.prefill_ms = float(timings["prompt_ms"])
         if isinstance(timings.get("predicted_ms"), int | float):
