@@ -316,9 +316,10 @@ class OpenAIBackend:
         if config.contextLength:
             context_length = config.contextLength
         self.info = ModelInfo(
-            path=str(tokenizer_dir) if tokenizer_dir else self.display_url,
+            # The tokenizer directory where one is configured (config.json breaks
+            # template ties), else the served model's name.
+            path=str(tokenizer_dir) if tokenizer_dir else (self.model_name or self.display_url),
             backend=self.name,
-            model_type=self.model_name or "",
             context_length=context_length or 4096,
             device=f"remote: {self.display_url}",
             dtype="",
