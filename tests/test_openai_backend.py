@@ -383,6 +383,15 @@ async def test_a_failing_server_gets_one_request_per_back_off_period(fake, servi
     assert svc.backend.health.problem is None
 
 
+async def test_a_server_that_never_answers_in_time_is_backed_off(fake, service) -> None:  # type: ignore[no-untyped-def]
+    fake.script = lambda body: [("sleep", 2), ("text", "late"), ("finish", "stop"), ("done",)]
+    svc = await service(model_config(fake), deadlineMs=150)
+    results = [await svc.complete(req()) for _ in range(4)]
+    assert [r.error is None for r in results[:3]] == [True, True, True]  # a slow answer is no error
+    assert "no token before the deadline 3 times" in (results[3].error or "")
+    assert len(fake.completions) == 3  # the fourth waited out the back-off
+
+
 async def test_an_unreachable_server_is_reported_not_fatal(service) -> None:  # type: ignore[no-untyped-def]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
