@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from exlsp.completion.assist_syntax import Definition, ParsedDocument, Span, parse
-from exlsp.completion.backends.base import GenerationJob
+from exlsp.completion.backends.base import BackendUnavailable, GenerationJob
 from exlsp.completion.fim import FimTokens
 from exlsp.completion.tokenizer import Tokenizer
 from exlsp.completion.worker import BackendWorker, GenerationHandle
@@ -508,6 +508,7 @@ class Generated:
     stop_reason: str
     elapsed_ms: float
     cached: bool = False
+    error: str | None = None  # the backend could not serve (a remote server is down)
 
 
 @dataclass(frozen=True)
@@ -591,6 +592,7 @@ class Assistant:
         text = ""
         reason = ""
         handle: GenerationHandle | None = None
+        unavailable: str | None = None
         try:
             # A margin past the job's own deadline: a job waiting behind a busy
             # worker must not hold the request longer.
@@ -624,19 +626,23 @@ class Assistant:
                     self.resumed += 1
         except TimeoutError:
             reason = "deadline"
+        except BackendUnavailable as e:
+            # A remote server that is down: the completion path already told the user.
+            reason = "unavailable"
+            unavailable = str(e)
         finally:
             if handle is not None:
                 handle.cancel()  # a no-op when it has ended; stops it on any early exit
         stopped_by_text = bool(prompt.stop_text) and prompt.stop_text in text
         if stopped_by_text:
             reason = "stop"
-        cut = reason in ("deadline", "cancelled", "")
+        cut = reason in ("deadline", "cancelled", "unavailable", "")
         elapsed = (time.perf_counter() - t0) * 1000
         if not cut and text:
             self._cache[key] = (text, reason)
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
-        return Generated(text, cut, reason, elapsed)
+        return Generated(text, cut, reason, elapsed, error=unavailable)
 
     # -- hover ------------------------------------------------------------------------------
 
@@ -749,6 +755,8 @@ class Assistant:
                 f"the model's answer was longer than {config.maxTokens} tokens and was cut; "
                 "nothing was changed"
             )
+        if generated.error:
+            raise RefactorRefused(f"{generated.error}; nothing was changed")
         if generated.cut:
             why = (
                 f"did not finish within {config.deadlineMs} ms"

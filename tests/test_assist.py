@@ -464,3 +464,20 @@ def test_a_text_is_parsed_once() -> None:
     edited = [*lines[:-1], lines[-1] + "x = 1\n"]
     other = parse(edited, "python")
     assert other is not None and other is not first
+
+
+async def test_a_backend_that_is_down_gives_no_hover_and_a_refused_refactor() -> None:
+    from exlsp.completion.backends.base import BackendUnavailable
+
+    def down(prompt: str) -> str:
+        raise BackendUnavailable("the completion server at http://gpu-pool:8000 is not reachable")
+
+    assistant, _, worker = await assistant_with(down, chat=True)
+    try:
+        assert await assistant.explain(lines_of(SOURCE), "python", 17, 16, HoverConfig()) is None
+        with pytest.raises(RefactorRefused, match="gpu-pool:8000 is not reachable"):
+            await assistant.refactor(
+                "simplify", lines_of(SOURCE), "python", Span(17, 0, 17, 0), CodeActionsConfig()
+            )
+    finally:
+        worker.close()
