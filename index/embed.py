@@ -245,7 +245,9 @@ class QueryVectorCache:
     moved a little; its vector still ranks the same neighbourhood), else None.
     `request` queues a text (the caller does so after its search, so that the
     two do not compete for the CPU), and the next lookup here has it. One
-    pending text at a time: the latest wins.
+    pending text at a time: the latest wins. While `busy()` says completions
+    are being computed, the embedding waits (up to `yield_max_s`): on a CPU a
+    query embedding takes hundreds of milliseconds of both cores.
     """
 
     def __init__(
@@ -254,8 +256,12 @@ class QueryVectorCache:
         *,
         near_lines: int = 12,
         capacity: int = 256,
+        busy: Callable[[], bool] | None = None,
+        yield_max_s: float = 5.0,
     ) -> None:
         self._embedder = embedder
+        self._busy_probe = busy
+        self._yield_max_s = yield_max_s
         self.near_lines = near_lines
         self._capacity = capacity
         self._cond = threading.Condition()
@@ -324,6 +330,19 @@ class QueryVectorCache:
             self._entries.clear()
             self._model = model
 
+    def _wait_while_busy(self) -> None:
+        probe = self._busy_probe
+        if probe is None:
+            return
+        deadline = time.monotonic() + self._yield_max_s
+        while not self._closed and time.monotonic() < deadline:
+            try:
+                if not probe():
+                    return
+            except Exception:  # a broken probe must not stop query vectors
+                return
+            time.sleep(0.02)
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -331,10 +350,15 @@ class QueryVectorCache:
                     self._cond.wait()
                 if self._closed:
                     return
-                assert self._pending is not None
+                self._busy = True
+            self._wait_while_busy()  # the latest request is taken after the wait
+            with self._cond:
+                if self._closed or self._pending is None:
+                    self._busy = False
+                    self._cond.notify_all()
+                    continue
                 place, line, text = self._pending
                 self._pending = None
-                self._busy = True
             try:
                 embedder = self._embedder()
                 if embedder is not None:

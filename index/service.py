@@ -219,7 +219,7 @@ class WorkspaceIndex:
         self._search_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="exlsp-search")
         self._embed_batch = EMBED_BATCH
         self._failures = 0
-        self.query_vectors = QueryVectorCache(lambda: self._embedder)
+        self.query_vectors = QueryVectorCache(lambda: self._embedder, busy=busy)
 
     # --- lifecycle -----------------------------------------------------------
 

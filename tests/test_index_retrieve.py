@@ -204,6 +204,23 @@ def test_query_vectors_are_computed_off_the_callers_thread() -> None:
     assert empty._thread is None
 
 
+def test_query_vectors_wait_while_completions_run() -> None:
+    embedder = SlowEmbedder(delay=0.0)
+    busy = threading.Event()
+    busy.set()
+    cache = QueryVectorCache(lambda: embedder, busy=busy.is_set, yield_max_s=30.0)
+    try:
+        cache.request("a.py", 3, "first = window()\n")
+        cache.request("a.py", 4, "second = window()\n")  # the latest wins
+        assert not cache.wait_idle(0.5) and cache.computed == 0
+        busy.clear()
+        assert cache.wait_idle(10) and cache.computed == 1
+        assert cache.lookup("a.py", 4, "second = window()\n")[1] == "exact"
+        assert cache.lookup("a.py", 30, "first = window()\n")[1] == "miss"
+    finally:
+        cache.close()
+
+
 async def test_retriever_never_waits_for_the_query_embedding(root: Path, tmp_path: Path) -> None:
     embedder = SlowEmbedder(delay=0.5)
     index = WorkspaceIndex(root, config_for(tmp_path), use_watchdog=False, embedder=embedder)
