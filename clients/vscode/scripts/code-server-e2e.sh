@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The VS Code extension in Code-OSS (code-server, the web build) driven by
 # headless Chromium through puppeteer-core: the packaged .vsix is installed,
-# the server starts with the tiny trained test model, typing in a Python file
-# shows ghost text, Tab accepts it, and the saved file holds it.
+# the server starts with the tiny trained test model, the status bar item says
+# the model is loaded, typing in a Python file shows ghost text, Tab accepts
+# it, and the saved file holds it; the status bar menu disables completions
+# (no ghost text while off), the command palette enables them (ghost text is
+# back), restarts the server and shows the log.
 #
 # usage: code-server-e2e.sh [PYTHON] [MODEL_DIR]
 #
@@ -17,6 +20,8 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ext=$(cd "$here/.." && pwd)
 python=${1:-python3}
+# The editor starts the server from another folder: use an absolute path.
+case $python in */*) python=$(realpath -s "$python") ;; *) python=$(command -v "$python") ;; esac
 model=${2:-}
 cache=${EXLSP_E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/exlsp-code-server}
 out=${EXLSP_E2E_OUT:-$(mktemp -d)}
@@ -51,13 +56,20 @@ cleanup() {
   if [ -z "${EXLSP_KEEP:-}" ]; then rm -rf "$work"; fi
 }
 trap cleanup EXIT
-mkdir -p "$work/user/User" "$work/extensions" "$work/project" "$work/config"
+mkdir -p "$work/user/User" "$work/user/Machine" "$work/extensions" "$work/project" "$work/config"
 printf 'import math\n\n\ndef area(radius):\n    return math.pi * radius * radius\n\n\n' >"$work/project/shapes.py"
-cat >"$work/user/User/settings.json" <<EOF
+# code-server is a remote window: settings of scope machine(-overridable),
+# such as the server command and the model, apply from the Remote settings
+# (Machine/settings.json), as with Remote-SSH; User settings hold the rest.
+cat >"$work/user/Machine/settings.json" <<EOF
 {
   "exlsp.server.python": "$python",
   "exlsp.server.args": ["--log-file", "$out/server.log", "--log-level", "debug"],
-  "exlsp.model.path": "$model",
+  "exlsp.model.path": "$model"
+}
+EOF
+cat >"$work/user/User/settings.json" <<EOF
+{
   "editor.inlineSuggest.enabled": true,
   "editor.quickSuggestions": { "other": false, "comments": false, "strings": false },
   "editor.suggestOnTriggerCharacters": false,
@@ -85,7 +97,7 @@ for _ in $(seq 1 120); do
 done
 
 status=0
-EXLSP_E2E_MODULES=$cache/node_modules node "$here/code-server-e2e.mjs" "http://127.0.0.1:$port" "$work/project" "$out" ||
-  status=$?
+EXLSP_E2E_MODULES=$cache/node_modules node "$here/code-server-e2e.mjs" "http://127.0.0.1:$port" "$work/project" "$out" \
+  "$work/user/User/settings.json" || status=$?
 echo "screenshots and observations: $out"
 exit $status

@@ -15,6 +15,9 @@ import {
   type ServerProcess,
   type ServerStatus,
   statusBarView,
+  trackProgress,
+  type ActiveProgress,
+  type ProgressValue,
   type WireConfig,
   wireSettingKeys,
 } from "./settings";
@@ -25,6 +28,7 @@ let client: LanguageClient | undefined;
 let statusItem: vscode.StatusBarItem;
 let outputChannel: vscode.LogOutputChannel;
 let lastStatus: ServerStatus | undefined;
+let running = new Map<string, ActiveProgress>();
 let wireKeys: string[] = [];
 
 function wireConfig(scope?: vscode.Uri): WireConfig {
@@ -43,7 +47,7 @@ function serverProcess(): ServerProcess {
 }
 
 function refreshStatusBar(): void {
-  const view = statusBarView(lastStatus, serverProcess(), completionsEnabled());
+  const view = statusBarView(lastStatus, serverProcess(), completionsEnabled(), [...running.values()]);
   statusItem.text = view.text;
   statusItem.tooltip = view.tooltip;
 }
@@ -63,6 +67,13 @@ function createClient(): LanguageClient {
     outputChannel,
     initializationOptions: () => wireConfig(),
     middleware: {
+      // Every $/progress value passes here on its way to VS Code's own
+      // progress UI: the status bar item shows indexing as it goes.
+      handleWorkDoneProgress: (token, params, next) => {
+        trackProgress(running, token, params as ProgressValue);
+        refreshStatusBar();
+        next(token, params);
+      },
       workspace: {
         configuration: async (params, token, next) => {
           const defaults = await next(params, token);
@@ -89,6 +100,7 @@ function createClient(): LanguageClient {
   created.onDidChangeState(() => {
     if (created.state !== State.Running) {
       lastStatus = undefined;
+      running = new Map();
     }
     refreshStatusBar();
   });

@@ -109,14 +109,65 @@ export interface StatusBarView {
 /** Where the server process is, as the language client sees it. */
 export type ServerProcess = "starting" | "running" | "stopped";
 
+/** A `$/progress` value (WorkDoneProgressBegin / Report / End). */
+export interface ProgressValue {
+  kind: "begin" | "report" | "end";
+  title?: string;
+  message?: string;
+  percentage?: number;
+}
+
+/** A work-done progress the server is running (indexing, a refactor). */
+export interface ActiveProgress {
+  title: string;
+  message?: string;
+  percentage?: number;
+}
+
+/**
+ * Folds one `$/progress` value into the map of running progresses (by
+ * token): `begin` adds, `report` updates, `end` removes. Returns the map.
+ */
+export function trackProgress(
+  running: Map<string, ActiveProgress>,
+  token: string | number,
+  value: ProgressValue,
+): Map<string, ActiveProgress> {
+  const key = String(token);
+  if (value.kind === "begin") {
+    running.set(key, { title: value.title ?? "", message: value.message, percentage: value.percentage });
+  } else if (value.kind === "report") {
+    const known = running.get(key);
+    if (known) {
+      running.set(key, {
+        title: known.title,
+        message: value.message ?? known.message,
+        percentage: value.percentage ?? known.percentage,
+      });
+    }
+  } else {
+    running.delete(key);
+  }
+  return running;
+}
+
+function progressLine(p: ActiveProgress): string {
+  const parts = [p.title || "working"];
+  if (p.message) parts.push(p.message);
+  if (p.percentage !== undefined) parts.push(`(${Math.round(p.percentage)}%)`);
+  return parts.join(" ");
+}
+
 /**
  * Text and tooltip of the status bar item. `status` is undefined until the
- * server has reported.
+ * server has reported; `progress` lists what the server is working on
+ * (indexing the workspace, computing a refactor), most recent last.
  */
 export function statusBarView(
   status: ServerStatus | undefined,
   process: ServerProcess,
   enabled: boolean,
+  progress: ActiveProgress[] = [],
 ): StatusBarView {
   const details = (s: ServerStatus): string[] => {
     const lines: string[] = [];
@@ -135,10 +186,15 @@ export function statusBarView(
   if (process === "starting" || !status) {
     return { text: "$(loading~spin) exlsp", tooltip: `exlsp: starting\n${menuHint}` };
   }
-  const lines = details(status);
+  const lines = [...details(status), ...progress.map(progressLine)];
   const tooltip = (head: string): string => [head, ...lines, menuHint].join("\n");
   if (!enabled || status.state === "disabled") {
     return { text: "$(circle-slash) exlsp off", tooltip: tooltip("exlsp: completions disabled") };
+  }
+  const current = progress[progress.length - 1];
+  if (status.state === "ready" && current) {
+    const percent = current.percentage !== undefined ? ` ${Math.round(current.percentage)}%` : "";
+    return { text: `$(sync~spin) exlsp${percent}`, tooltip: tooltip("exlsp: model loaded") };
   }
   switch (status.state) {
     case "loading":

@@ -9,6 +9,8 @@ import {
   enabledSettingTarget,
   resolveServerLaunch,
   statusBarView,
+  trackProgress,
+  type ActiveProgress,
   wireSettingKeys,
 } from "../settings";
 
@@ -58,8 +60,14 @@ test("defaults map to the full nested tree", () => {
   assert.equal(tree.logging.level, "info");
   assert.equal(tree.hover.deadlineMs, 2000);
   assert.equal(tree.index.maxFileBytes, 1000000);
-  assert.equal(Object.keys(tree.completion).length, 15);
-  assert.equal(Object.keys(tree.model).length, 10);
+  // Every declared setting of a section, and nothing else, lands in it.
+  const declaredIn = (section: string): number =>
+    Object.keys(properties).filter((name) => name.startsWith(`exlsp.${section}.`)).length;
+  for (const section of Object.keys(tree)) {
+    assert.equal(Object.keys(tree[section]).length, declaredIn(section), section);
+  }
+  assert.ok(Object.keys(tree.completion).length >= 15);
+  assert.ok(Object.keys(tree.model).length >= 10);
 });
 
 test("user values land under their section, camelCase kept", () => {
@@ -163,6 +171,46 @@ test("status bar: loading, ready with latency, error, disabled, down", () => {
   assert.match(error.tooltip, /CUDA out of memory/);
   assert.equal(statusBarView({ state: "disabled" }, "running", true).text, "$(circle-slash) exlsp off");
   assert.equal(statusBarView({ state: "ready" }, "running", false).text, "$(circle-slash) exlsp off");
+});
+
+test("progress: begin adds, report updates, end removes, per token", () => {
+  const running = new Map<string, ActiveProgress>();
+  trackProgress(running, "exlsp-scan-1", { kind: "begin", title: "Indexing", message: "0/6 files", percentage: 0 });
+  trackProgress(running, 7, { kind: "begin", title: "Embedding chunks" });
+  trackProgress(running, "exlsp-scan-1", { kind: "report", percentage: 50 });
+  assert.deepEqual(running.get("exlsp-scan-1"), { title: "Indexing", message: "0/6 files", percentage: 50 });
+  assert.deepEqual(running.get("7"), { title: "Embedding chunks", message: undefined, percentage: undefined });
+  // A report for a token never begun is ignored.
+  trackProgress(running, "unknown", { kind: "report", message: "x" });
+  assert.equal(running.has("unknown"), false);
+  trackProgress(running, "exlsp-scan-1", { kind: "end", message: "6 files" });
+  assert.deepEqual([...running.keys()], ["7"]);
+});
+
+test("status bar: indexing progress while the model is loaded", () => {
+  const ready = { state: "ready", model: "qwen", lastLatencyMs: 40 };
+  const indexing = statusBarView(ready, "running", true, [
+    { title: "Indexing", message: "3/6 files", percentage: 49.6 },
+  ]);
+  assert.equal(indexing.text, "$(sync~spin) exlsp 50%");
+  assert.match(indexing.tooltip, /model loaded/);
+  assert.match(indexing.tooltip, /Last suggestion: 40 ms/);
+  assert.match(indexing.tooltip, /Indexing 3\/6 files \(50%\)/);
+  // No percentage: the spinner alone; the most recent progress wins the text.
+  const two = statusBarView(ready, "running", true, [
+    { title: "Indexing", percentage: 10 },
+    { title: "Embedding chunks" },
+  ]);
+  assert.equal(two.text, "$(sync~spin) exlsp");
+  assert.match(two.tooltip, /Indexing \(10%\)\nEmbedding chunks/);
+  // Done: back to the latency.
+  assert.equal(statusBarView(ready, "running", true, []).text, "$(sparkle) exlsp 40 ms");
+  // Loading the model and disabled completions keep their own text.
+  assert.equal(
+    statusBarView({ state: "loading" }, "running", true, [{ title: "Indexing" }]).text,
+    "$(loading~spin) exlsp loading",
+  );
+  assert.equal(statusBarView(ready, "running", false, [{ title: "Indexing" }]).text, "$(circle-slash) exlsp off");
 });
 
 test("enable/disable writes the most specific scope that is set", () => {
