@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,9 +80,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.tcp:
         host, _, port = args.tcp.rpartition(":")
         server.start_tcp(host or "127.0.0.1", int(port))
-    else:
-        server.start_io()
-    return 0
+        return 0
+    server.start_io()
+    # The model and the index were closed at `shutdown`. What is left is the
+    # interpreter's teardown of torch and transformers, 2-3 s here: long enough
+    # for editors to kill the process (VS Code waits 2 s). Skip it.
+    logging.shutdown()
+    with contextlib.suppress(ValueError, OSError):  # pygls closes stdout at `exit`
+        sys.stdout.flush()
+    os._exit(server.exit_code)
 
 
 # -- complete ----------------------------------------------------------------------

@@ -62,6 +62,12 @@ class ExlspProtocol(LanguageServerProtocol):
         if (handler := self.fm.features.get(types.TEXT_DOCUMENT_DID_CLOSE)) is not None:
             yield handler, (params,), None
 
+    def _handle_cancel_notification(self, msg_id: Any) -> None:
+        # Editors cancel the previous inline request at every keystroke, often after
+        # it was answered: an unknown id is the normal case, not worth a warning.
+        if msg_id in self._request_futures:
+            super()._handle_cancel_notification(msg_id)
+
     def structure_message(self, data: dict[str, Any]) -> Any:
         try:
             return super().structure_message(data)
@@ -145,6 +151,7 @@ class ExlspServer(LanguageServer):
         self._shown: set[str] = set()
         self._backend_problem: str | None = None
         self.last_latency_ms: float | None = None
+        self.exit_code = 0
         self.client_log = ClientLogHandler(self)
         self.client_log.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
 
@@ -180,7 +187,9 @@ class ExlspServer(LanguageServer):
             asyncio.run(serve())
         except BrokenPipeError:
             log.error("the connection to the client is lost; shutting down")
-        except (KeyboardInterrupt, SystemExit):
+        except SystemExit as e:  # the client's `exit`: 0 after `shutdown`, 1 without
+            self.exit_code = e.code if isinstance(e.code, int) else 1
+        except KeyboardInterrupt:
             pass
         finally:
             self.shutdown()

@@ -50,6 +50,14 @@ def test_a_session_over_stdin(stdin_kind: str, tmp_path: Path) -> None:
     got = responses(proc.stdout)
     assert "capabilities" in got[1]["result"]  # type: ignore[operator]
     assert got[2]["result"] is None
+    assert proc.returncode == 0, proc.stderr.decode()  # `exit` after `shutdown`
+
+
+def test_exit_without_shutdown_is_an_error_exit() -> None:
+    data = frame(SESSION[0]) + frame(SESSION[2])
+    proc = subprocess.run(SERVER, input=data, capture_output=True, timeout=120)
+    assert "capabilities" in responses(proc.stdout)[1]["result"]  # type: ignore[operator]
+    assert proc.returncode == 1
 
 
 def test_eof_inside_a_message_ends_the_server(tmp_path: Path) -> None:

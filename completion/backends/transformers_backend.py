@@ -10,6 +10,7 @@ two passes.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Iterator
@@ -68,6 +69,10 @@ class TransformersBackend:
         self.model: Any = loader(str(model_dir), dtype=dtype)
         self.model.to(self.device)
         self.model.eval()
+        # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old
+        # name warns on every call and goes in 5.40).
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         limit = int(getattr(hf_config, "max_position_embeddings", 0) or 4096)
         self.context_length = min(limit, config.contextLength) if config.contextLength else limit
         self.info = ModelInfo(
@@ -115,7 +120,7 @@ class TransformersBackend:
             self._past = self._cache_cls(config=self.model.config)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         out = self.model(
-            input_ids=input_ids, past_key_values=self._past, use_cache=True, logits_to_keep=1
+            input_ids=input_ids, **{self._cache_arg: self._past}, use_cache=True, logits_to_keep=1
         )
         self._cached.extend(ids)
         return out.logits[0, -1]
