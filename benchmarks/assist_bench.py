@@ -17,18 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import math
-import os
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from exlsp.benchmarks import provenance
 from exlsp.completion.assist import (
     Assistant,
     CodeActionsConfig,
@@ -46,46 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SOURCE = ROOT / "completion" / "engine.py"
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    xs = sorted(values)
-    if not xs:
-        return None
-    pos = (len(xs) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def dist(values: Sequence[float]) -> dict[str, Any]:
-    if not values:
-        return {"n": 0}
-    return {
-        "n": len(values),
-        "p50": round(percentile(values, 50) or 0, 1),
-        "p95": round(percentile(values, 95) or 0, 1),
-        "mean": round(statistics.fmean(values), 1),
-    }
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info: dict[str, Any] = {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count()}
-    with contextlib.suppress(OSError):
-        info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
-    return info
-
-
-def commit() -> str:
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        return subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-    return ""
+    return provenance.dist(values, digits=1)
 
 
 async def hover_latencies(
@@ -207,9 +164,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     ratio = {k: round(h[k] / a[k], 3) if a.get(k) else None for k in ("p50", "p95", "mean")}
     return {
         "benchmark": "assist",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "commit": commit(),
-        "machine": machine(),
+        "date": provenance.now(),
+        "commit": provenance.commit_info(),
+        "machine": provenance.machine_info(),
         "model": service.config.model.path or "default (trained tiny)",
         "mode": assistant.mode,
         "config": {
@@ -254,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"resolve outcomes: {result['resolve_outcomes']}")
     print(f"completion prefilled tokens: {result['completion_prefilled_tokens_mean']}")
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        provenance.write_results(Path(args.out), result)
         print(f"wrote {args.out}")
     return 0
 

@@ -7,8 +7,8 @@ and 32 generated tokens forced (no stop ids), one run measures:
 a. raw exllamav2: prefill and decode tok/s of one stream (`model.forward`);
 b. exlsp's exllamav2 backend replaying a typing session with KV reuse on,
 c. ... and off (every keystroke prefills the whole prompt), both through the
-   backend directly (exact prompt sizes) and, when `benchmarks/latency.py`
-   provides `run_replay`, through the language server over stdio;
+   backend directly (exact prompt sizes) and through the language server over
+   stdio (the typing replay of `benchmarks/latency.py`);
 d. the transformers backend (FP16) on the same GPU and the same prompts;
 plus the backend's `forward` vs `dynamic` generation modes, n-gram drafting on
 and off, and cancel latency (during decode and during a long prefill).
@@ -69,15 +69,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
-import importlib.metadata
 import inspect
 import json
 import logging
-import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -86,12 +82,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from exlsp.benchmarks.provenance import (
+    PACKAGES,
+    RESULTS_DIR,
+    commit_info,
+    machine_info,
+    now,
+)
 from exlsp.completion.backends.base import GenerationJob
 from exlsp.completion.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FAMILY = "qwen2.5-coder"
 GENERATED = 32
 MIN_PROMPT = 4096
@@ -323,10 +325,8 @@ def cancel_latency(backend: Any, prompt: list[int], trials: int = 5) -> dict[str
 
 def lsp_replay(model_dir: Path, backend: str, keystrokes: int, *, reuse: bool) -> dict[str, Any]:
     """The typing replay through the language server (benchmarks/latency.py)."""
-    try:
-        from exlsp.benchmarks.latency import run_replay
-    except ImportError as e:
-        return {"skipped": f"benchmarks/latency.py run_replay unavailable ({e})"}
+    from exlsp.benchmarks.latency import run_replay
+
     workspace = Path(tempfile.mkdtemp(prefix="exlsp-bench-"))
     for name in ("textwrap", "shlex", "json.decoder"):  # files the index can retrieve from
         (workspace / f"{name.replace('.', '_')}.py").write_text(_source(name), encoding="utf-8")
@@ -357,47 +357,6 @@ def lsp_replay(model_dir: Path, backend: str, keystrokes: int, *, reuse: bool) -
 
 
 # --- the run ---------------------------------------------------------------------------
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-
-    info: dict[str, Any] = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-    }
-    for dist in ("exllamav2", "flash-attn", "transformers"):
-        try:
-            info[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            info[dist] = None
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_memory_gib"] = round(torch.cuda.mem_get_info(0)[1] / 2**30, 1)
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=15).stdout
-        if m := re.search(r"Driver Version:\s*([\w.]+)", smi):
-            info["driver"] = m.group(1)
-        if m := re.search(r"CUDA Version:\s*([\w.]+)", smi):
-            info["driver_cuda"] = m.group(1)
-    info["commit"] = os.environ.get("EXLSP_COMMIT") or _git_commit()
-    return info
-
-
-def _git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        return subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 class Results:
@@ -627,7 +586,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("gpu_bench needs a CUDA GPU", file=sys.stderr)
         return 2
-    info = machine_info()
+    info = machine_info((*PACKAGES, "flash-attn"))
+    info["date"] = now()
+    info["commit"] = commit_info()
     name = args.name or re.sub(r"[^a-z0-9]+", "-", str(info.get("gpu", "gpu")).lower()).strip("-")
     results = Results(args.results_dir / f"gpu-{name}.json")
     results.data["machine"] = info

@@ -45,15 +45,11 @@ import argparse
 import asyncio
 import contextlib
 import copy
-import datetime as dt
 import json
 import math
 import os
-import platform
 import re
 import shutil
-import statistics
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -64,7 +60,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from exlsp.benchmarks.provenance import (
+    RESULTS_DIR,
+    commit_info,
+    dist,
+    loadavg,
+    machine_info,
+    now,
+)
+
 VARIANTS = ("reuse", "noreuse", "instant")
 TARGET_PREFILL_WITHIN_LINE = 16  # median prefilled tokens per keystroke within a line
 TARGET_OVERHEAD_P50_MS = 2.0  # instant backend, per request
@@ -678,31 +682,6 @@ async def _settle(records: list[Keystroke], timeout: float) -> None:
 # --- figures ------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    xs = sorted(v for v in values if v is not None)
-    if not xs:
-        return None
-    pos = (len(xs) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def dist(values: Sequence[float | None]) -> dict[str, Any]:
-    xs = [float(v) for v in values if v is not None]
-    if not xs:
-        return {"n": 0}
-    return {
-        "n": len(xs),
-        "p50": _round(percentile(xs, 50)),
-        "p95": _round(percentile(xs, 95)),
-        "mean": _round(statistics.fmean(xs)),
-        "min": _round(min(xs)),
-        "max": _round(max(xs)),
-    }
-
-
 def _decode_ms(s: dict[str, Any]) -> float | None:
     if s.get("decodeMs"):
         return float(s["decodeMs"])
@@ -820,47 +799,6 @@ def _server_knows(section: str) -> bool:
     from exlsp.server.config import Config
 
     return hasattr(Config(), section)
-
-
-def _git(*args: str) -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        return subprocess.run(
-            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def _loadavg() -> list[float] | None:
-    """The machine may be shared: its load goes with the figures."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-    }
-    with contextlib.suppress(AttributeError):
-        info["affinity"] = len(os.sched_getaffinity(0))
-    for dist_name in ("torch", "transformers", "tokenizers", "pygls", "exllamav2"):
-        with contextlib.suppress(Exception):
-            from importlib import metadata
-
-            info[dist_name] = metadata.version(dist_name)
-    return info
 
 
 def _get(d: Any, *path: str) -> Any:
@@ -1125,7 +1063,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     configs: dict[str, Any] = {}
     machine = machine_info()
-    machine["loadavg_before"] = _loadavg()
+    machine["loadavg_before"] = machine.pop("loadavg")
     pooled: dict[str, list[Keystroke]] = {v: [] for v in variants}
     metas: dict[str, dict[str, Any]] = {}
     per_round: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
@@ -1175,7 +1113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 per_round[v].append(
                     {
                         "round": round_no,
-                        "loadavg": _loadavg(),
+                        "loadavg": loadavg(),
                         "latency_ms_p50": _get(typing, "latency_ms", "p50"),
                         "ttft_ms_p50": _get(typing, "ttft_ms", "p50"),
                         "engine_total_ms_p50": _get(typing, "engine", "engine_total_ms", "p50"),
@@ -1196,12 +1134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         results[v] = r
 
     plan = next((r.get("plan") for r in results.values() if r.get("plan")), None)
-    machine["loadavg_after"] = _loadavg()
+    machine["loadavg_after"] = loadavg()
     out = {
         "benchmark": "latency",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "date": now(),
         "machine": machine,
-        "commit": {"sha": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain"))},
+        "commit": commit_info(),
         "command": " ".join(["python -m exlsp.benchmarks.latency", *(argv or sys.argv[1:])]),
         "replay": {
             "source_file": str(source_file),

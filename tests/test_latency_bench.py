@@ -9,12 +9,12 @@ import pytest
 
 from exlsp.benchmarks.latency import (
     Keystroke,
-    percentile,
     plan_replay,
     run_replay,
     summarize,
     table,
 )
+from exlsp.benchmarks.provenance import percentile
 
 
 def count_chars(text: str) -> int:
