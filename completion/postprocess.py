@@ -22,6 +22,7 @@ they run in the final pass only, after every cut.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -308,9 +309,13 @@ class _ContextFacts:
     suffix_head: str
 
 
-def _line_brackets(line: str, syntax: _Syntax) -> tuple[list[str], int]:
+@functools.lru_cache(maxsize=8192)
+def _line_brackets(line: str, syntax: _Syntax) -> tuple[tuple[str, ...], int]:
     """A line on its own: the openers it leaves open (in order) and how many
-    closers it has that close something before it."""
+    closers it has that close something before it.
+
+    Cached: the lines around the cursor are the same from one keystroke to the next.
+    """
     openers: list[str] = []
     closers = 0
     for _, ch in _code_brackets(line, syntax, _ScanState(), complete=True):
@@ -321,7 +326,7 @@ def _line_brackets(line: str, syntax: _Syntax) -> tuple[list[str], int]:
                 openers.pop()
         else:
             closers += 1
-    return openers, closers
+    return tuple(openers), closers
 
 
 def _open_above(lines_before: Sequence[str], syntax: _Syntax) -> list[str]:
