@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,7 +71,6 @@ def hybrid_search(
     lexical_depth: int = LEXICAL_DEPTH,
     vector_depth: int = VECTOR_DEPTH,
     keep: Callable[[StoredChunk], bool] | None = None,
-    executor: Executor | None = None,
     mode: str = "hybrid",
 ) -> list[SearchHit]:
     """The best `limit` chunks for a query, fused from both rankings.
@@ -81,8 +79,7 @@ def hybrid_search(
     query's embedding, computed by the caller (None: lexical only). Each side
     fetches `candidates` rows; `keep` filters them (the current file's prompt
     window); then the first `lexical_depth` / `vector_depth` enter reciprocal
-    rank fusion (in "hybrid" mode; a single mode uses its ranking alone). With an
-    executor the vector query runs on it while this thread runs the lexical one.
+    rank fusion (in "hybrid" mode; a single mode uses its ranking alone).
     """
     use_lexical = mode in {"hybrid", "lexical"} and bool(terms)
     use_vector = (
@@ -90,19 +87,15 @@ def hybrid_search(
     )
     lexical: list[StoredChunk] = []
     vector: list[StoredChunk] = []
-    future = None
-    if use_vector and query_vector is not None:
-        # In hybrid mode only the top `vector_depth` count: fetch a few more than
-        # that (some may be filtered out), not every candidate.
-        fetch = candidates if not use_lexical else min(candidates, 3 * vector_depth)
-        if use_lexical and executor is not None:
-            future = executor.submit(_vector_side, store, query_vector, fetch)
-        else:
-            vector = _vector_side(store, query_vector, fetch)
-    if use_lexical:
+    if use_lexical and use_vector and query_vector is not None:
+        # Only the top `vector_depth` count: fetch a few more than that (some may
+        # be filtered out), not every candidate.
+        fetch = min(candidates, 3 * vector_depth)
+        lexical, vector = store.search_both(terms, candidates, query_vector, fetch)
+    elif use_vector and query_vector is not None:
+        vector = _vector_side(store, query_vector, candidates)
+    elif use_lexical:
         lexical = store.search_lexical(terms, candidates)
-    if future is not None:
-        vector = future.result()
     if keep is not None:
         lexical = [c for c in lexical if keep(c)]
         vector = [c for c in vector if keep(c)]

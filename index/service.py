@@ -21,7 +21,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -216,7 +215,6 @@ class WorkspaceIndex:
         self._writer_lock = WriterLock(self.database_dir)
         self._watcher: WorkspaceWatcher | None = None
         self._thread: threading.Thread | None = None
-        self._search_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="exlsp-search")
         self._embed_batch = EMBED_BATCH
         self._failures = 0
         self.query_vectors = QueryVectorCache(lambda: self._embedder, busy=busy)
@@ -241,7 +239,6 @@ class WorkspaceIndex:
         thread = self._thread
         if thread is not None:
             thread.join(timeout)
-        self._search_pool.shutdown(wait=False)
         self.query_vectors.close()
         if thread is not None and thread.is_alive():
             # Still inside a write: the lock goes with the process, not before.
@@ -394,7 +391,6 @@ class WorkspaceIndex:
             limit,
             candidates=max(50, 2 * limit),
             keep=keep,
-            executor=self._search_pool,
             mode=mode,
         )
 

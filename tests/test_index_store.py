@@ -3,6 +3,7 @@ a fraction of them, and the deltas that optimize() adds are folded back in."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from exlsp.index import store as store_module
 from exlsp.index.chunk import Chunk
-from exlsp.index.store import ChunkStore, FileState
+from exlsp.index.store import ChunkStore, FileState, StoredChunk
 
 DIM = 32
 FILES = 100
@@ -91,3 +92,28 @@ def test_delta_indexes_are_folded_back(store: ChunkStore) -> None:
     assert max(deltas_seen) <= store_module.VECTOR_MAX_DELTAS
     assert min(deltas_seen) < max(deltas_seen)  # rebuilt at least once
     assert store.count_rows("vector IS NOT NULL") == FILES * PER_FILE
+
+
+def test_both_searches_at_once_match_the_separate_ones(store: ChunkStore) -> None:
+    ids = [f"f{n}-{k}-v0" for n in range(FILES) for k in range(PER_FILE)]
+    vectors = unit_vectors(len(ids), 2)
+    store.set_vectors(ids, vectors)
+    store.ensure_indexes()
+    for n, terms in enumerate([["fn", "12", "3"], ["return", "x"], ["fn", "99", "29"]]):
+        vector = vectors[n * 101]
+        lexical, vector_hits = store.search_both(terms, 20, vector, 10)
+        assert store._gather_ok  # the one-gather path ran
+        assert [(h.id, round(h.score, 4)) for h in lexical] == [
+            (h.id, round(h.score, 4)) for h in store.search_lexical(terms, 20)
+        ]
+        assert [h.id for h in vector_hits] == [h.id for h in store.search_vector(vector, 10)]
+        assert vector_hits[0].id == ids[n * 101] and lexical
+
+    class Wrapped(ChunkStore):
+        def search_lexical(self, terms: Sequence[str], limit: int) -> list[StoredChunk]:
+            return super().search_lexical(terms, limit)[:1]
+
+    wrapped = Wrapped(store.directory, {"test": 1}, DIM)
+    wrapped.open()
+    lexical, vector_hits = wrapped.search_both(["return", "x"], 20, vectors[0], 5)
+    assert len(lexical) == 1 and vector_hits[0].id == ids[0]  # the subclass's own search
