@@ -596,7 +596,7 @@ class TrainConfig:
     intermediate_size: int = 512
     seq_len: int = 512
     batch_rows: int = 8
-    steps: int = 500
+    steps: int = 2000
     decay_fraction: float = 0.25
     warmup_steps: int = 30
     lr: float = 2.5e-3
@@ -774,6 +774,13 @@ def _train(cfg: TrainConfig, work: Path) -> Path:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed, tokens = state["step"], state["elapsed"], state["tokens"]
+        if log_path.is_file():  # steps after the checkpoint are done again
+            kept = [
+                line
+                for line in log_path.read_text("utf-8").splitlines()
+                if json.loads(line)["step"] <= step
+            ]
+            log_path.write_text("".join(line + "\n" for line in kept), "utf-8")
         logger.info("resumed at step %d (%.0f s, %d tokens)", step, elapsed, tokens)
     logger.info(
         "model: %.2fM parameters; %d steps of %d x %d",
