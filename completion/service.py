@@ -6,6 +6,7 @@ requests answer with an empty result and the reason, never an exception.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -195,4 +196,14 @@ class CompletionService:
             self.worker.close()
             self.worker = None
         self.engine = None
+        self.state = "idle"
+
+    async def aclose(self) -> None:
+        """`close` from the event loop: the worker thread is joined off the loop."""
+        if self.engine is not None:
+            self.engine.close()  # its timers belong to the loop
+            self.engine = None
+        worker, self.worker = self.worker, None
+        if worker is not None:
+            await asyncio.to_thread(worker.close)
         self.state = "idle"

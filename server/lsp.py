@@ -10,6 +10,7 @@ import threading
 import time
 import types as pytypes
 from importlib import metadata
+from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
 from lsprotocol import types
@@ -18,6 +19,7 @@ from pygls.io_ import StdinAsyncReader, StdoutWriter, run_async
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.language_server import lsp_method
+from pygls.uris import to_fs_path
 
 from exlsp.completion.service import CompletionService
 from exlsp.completion.types import CompletionResult, DocumentView, Trigger
@@ -220,9 +222,30 @@ class ExlspServer(LanguageServer):
             line=line,
             character=character,
             language=doc.language,
-            path=uri.removeprefix("file://"),
+            path=self.prompt_path(uri),
             version=doc.version,
         )
+
+    def workspace_root(self) -> Path | None:
+        """The first workspace folder (or the root URI) as a local directory."""
+        try:
+            folders = self.workspace.folders
+            root_uri = self.workspace.root_uri
+        except Exception:
+            return None
+        uri = next(iter(folders.values())).uri if folders else root_uri
+        path = to_fs_path(uri) if uri else None
+        return Path(path) if path and Path(path).is_dir() else None
+
+    def prompt_path(self, uri: str) -> str:
+        """The document's path as the model and the index see it: relative to the
+        workspace root when inside it (as retrieved snippets' paths are), else absolute."""
+        path = to_fs_path(uri) or uri
+        root = self.workspace_root()
+        if root is not None:
+            with contextlib.suppress(ValueError):
+                return Path(path).relative_to(root).as_posix()
+        return path
 
     # -- completions ------------------------------------------------------------
 

@@ -93,7 +93,9 @@ async def test_prompt_holds_the_definition_from_another_file(client: LanguageCli
     stats = await get_stats(client)
     prompt = stats["lastPromptText"]["full"]
     assert "def frobnicate_widget(width, height, margin=4):" in prompt
-    assert "util.py" in prompt
+    assert "<|file_sep|>util.py\n" in prompt
+    # The current file is named as the snippets are: relative to the workspace.
+    assert "<|file_sep|>main.py\n" in prompt and str(ws) not in prompt
     assert "never-index-this" not in prompt
     assert stats["last"]["snippetTokens"] > 0
     # Indexing reported $/progress to the client (begin ... end).

@@ -6,8 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
+from typing import IO, Any
 
 
 def frame(message: dict[str, object]) -> bytes:
@@ -37,20 +36,46 @@ def responses(stdout: bytes) -> dict[int, dict[str, object]]:
     return out
 
 
-@pytest.mark.parametrize("stdin_kind", ["pipe", "file"])
-def test_a_session_over_stdin(stdin_kind: str, tmp_path: Path) -> None:
-    data = b"".join(frame(m) for m in SESSION)
-    if stdin_kind == "pipe":
-        proc = subprocess.run(SERVER, input=data, capture_output=True, timeout=120)
-    else:
-        path = tmp_path / "session.bin"
-        path.write_bytes(data)
-        with path.open("rb") as stdin:
-            proc = subprocess.run(SERVER, stdin=stdin, capture_output=True, timeout=120)
+def read_message(stream: IO[bytes]) -> dict[str, Any]:
+    length = 0
+    while line := stream.readline().strip():
+        name, _, value = line.partition(b": ")
+        if name == b"Content-Length":
+            length = int(value)
+    message: dict[str, Any] = json.loads(stream.read(length))
+    return message
+
+
+def test_a_session_over_a_pipe() -> None:
+    """As editors do it: `exit` once `shutdown` has been answered."""
+    proc = subprocess.Popen(
+        SERVER, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(frame(SESSION[0]) + frame(SESSION[1]))
+    proc.stdin.flush()
+    got: dict[int, dict[str, Any]] = {}
+    while 2 not in got:
+        message = read_message(proc.stdout)
+        if "id" in message and "method" not in message:
+            got[message["id"]] = message
+    assert "capabilities" in got[1]["result"]
+    assert got[2]["result"] is None
+    proc.stdin.write(frame(SESSION[2]))
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 0  # `exit` after `shutdown`
+
+
+def test_a_session_from_a_file(tmp_path: Path) -> None:
+    """stdin that is not a pipe: pygls' reader; the end of the file ends the server."""
+    path = tmp_path / "session.bin"
+    path.write_bytes(frame(SESSION[0]) + frame(SESSION[1]))
+    with path.open("rb") as stdin:
+        proc = subprocess.run(SERVER, stdin=stdin, capture_output=True, timeout=120)
     got = responses(proc.stdout)
     assert "capabilities" in got[1]["result"]  # type: ignore[operator]
     assert got[2]["result"] is None
-    assert proc.returncode == 0, proc.stderr.decode()  # `exit` after `shutdown`
+    assert proc.returncode == 0, proc.stderr.decode()
 
 
 def test_exit_without_shutdown_is_an_error_exit() -> None:

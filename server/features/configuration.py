@@ -10,7 +10,7 @@ from typing import Any
 from lsprotocol import types
 
 from exlsp.server.config import merge
-from exlsp.server.features.indexing import start_index, stop_index
+from exlsp.server.features.indexing import start_index
 from exlsp.server.lsp import ExlspServer
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,10 @@ def register(server: ExlspServer) -> None:
             ls.start_model()
 
     @server.feature(types.SHUTDOWN)
-    def shutdown(ls: ExlspServer, params: Any) -> None:
-        stop_index(ls)
+    async def shutdown(ls: ExlspServer, params: Any) -> None:
+        # Joining the index and backend threads can take seconds: not on the event loop.
+        index, ls.index = ls.index, None
+        if index is not None:
+            await asyncio.to_thread(index.stop)
         if ls.service is not None:
-            ls.service.close()
+            await ls.service.aclose()

@@ -5,28 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 from typing import Any
 
 from lsprotocol import types
-from pygls.uris import to_fs_path
 
 from exlsp.server.lsp import ExlspServer
 
 log = logging.getLogger(__name__)
 
 _WATCH_ID = "exlsp-watched-files"
-
-
-def _root(ls: ExlspServer) -> Path | None:
-    try:
-        folders = ls.workspace.folders
-        root_uri = ls.workspace.root_uri
-    except Exception:
-        return None
-    uri = next(iter(folders.values())).uri if folders else root_uri
-    path = to_fs_path(uri) if uri else None
-    return Path(path) if path and Path(path).is_dir() else None
 
 
 def _completions_busy(ls: ExlspServer) -> bool:
@@ -98,7 +85,7 @@ async def start_index(ls: ExlspServer) -> None:
         # Stopping waits for the worker's current write: not on the event loop.
         await asyncio.to_thread(old.stop)
     config = ls.config.index
-    root = _root(ls)
+    root = ls.workspace_root()
     if not config.enabled or root is None:
         ls.context_source = None
         return
