@@ -40,15 +40,11 @@ table on stdout. Example:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import importlib.metadata
 import json
-import os
 import platform
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -59,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from exlsp.benchmarks import provenance
 from exlsp.completion.types import DocumentView
 from exlsp.index import service as service_module
 from exlsp.index import store as store_module
@@ -73,7 +70,7 @@ from exlsp.index.retrieve import (
 from exlsp.index.service import WorkspaceIndex
 from exlsp.index.watch import ChangeKind
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = provenance.RESULTS_DIR
 COPY_IGNORE = shutil.ignore_patterns(
     "site-packages", "__pycache__", "*.pyc", "*.so", "*.a", "*.o", "*.exe", "*.whl"
 )
@@ -82,45 +79,11 @@ COPY_IGNORE = shutil.ignore_patterns(
 # --- machine and output --------------------------------------------------------------
 
 
-def _git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        return subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "commit": os.environ.get("EXLSP_COMMIT") or _git_commit(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "load_average_at_start": load_average(),
-    }
-    for dist in ("lancedb", "pyarrow", "tree-sitter", "sentence-transformers", "torch"):
-        try:
-            info[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            info[dist] = None
-    return info
+    info = provenance.machine_info(
+        ("lancedb", "pyarrow", "tree-sitter", "sentence-transformers", "torch")
+    )
+    return {"date": provenance.now(), "commit": provenance.commit_info(), **info}
 
 
 def summary_ms(values: Sequence[float], cpu: Sequence[float] = ()) -> dict[str, float]:
@@ -158,13 +121,6 @@ class Timings:
 
     def summary(self) -> dict[str, float]:
         return summary_ms(self.wall, self.cpu)
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 # --- pieces --------------------------------------------------------------------------
@@ -395,9 +351,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sections = set(args.sections.split(","))
         # 1. Cold lexical index.
         lexical_cfg = IndexConfig(embeddingModel="none", databaseDir=str(work / "db-lexical"))
-        load_before = load_average()
+        load_before = provenance.loadavg()
         index, info = build(root, lexical_cfg, watch=True)
-        info["load_average_before_after"] = [load_before, load_average()]
+        info["load_average_before_after"] = [load_before, provenance.loadavg()]
         results["cold_lexical"] = info
         print(f"cold lexical: {info}", file=sys.stderr)
         try:
@@ -413,12 +369,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             chunks = all_chunks(index)
             queries = three_line_queries(chunks, args.queries, rng)
             docs = cursor_documents(root, args.queries, rng)
-            load_before = load_average()
+            load_before = provenance.loadavg()
             results["lexical"] = {
                 "three_line_queries": recall_at_10(index, queries, "lexical"),
                 "cursor_queries": cursor_latency(index, docs, ["lexical"]),
             }
-            results["lexical"]["load_average_before_after"] = [load_before, load_average()]
+            results["lexical"]["load_average_before_after"] = [load_before, provenance.loadavg()]
             print(f"lexical: {results['lexical']}", file=sys.stderr)
         except _Skip:
             pass
@@ -443,7 +399,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 windows = [
                     query_window(d, VECTOR_LINES_BEFORE, VECTOR_LINES_AFTER)[0] for d in docs
                 ]
-                load_before = load_average()
+                load_before = provenance.loadavg()
                 embedding = Timings()
                 for w in windows:
                     embedding(embedder.embed_query, w)
@@ -467,7 +423,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                 results["embedded_subset"]["load_average_before_after"] = [
                     load_before,
-                    load_average(),
+                    provenance.loadavg(),
                 ]
                 print(f"embedded subset: {results['embedded_subset']}", file=sys.stderr)
             finally:
@@ -484,7 +440,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 assert store is not None
                 info["vector_index"] = [i.index_type for i in store.table.list_indices()]
                 docs = cursor_documents(root, args.queries, rng)
-                load_before = load_average()
+                load_before = provenance.loadavg()
                 results["synthetic_full"] = {
                     "index": info,
                     "cursor_queries": cursor_latency(
@@ -494,7 +450,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         embedder=synthetic,
                         all_partitions=True,
                     ),
-                    "load_average_before_after": [load_before, load_average()],
+                    "load_average_before_after": [load_before, provenance.loadavg()],
                 }
                 print(f"synthetic: {results['synthetic_full']}", file=sys.stderr)
             finally:
