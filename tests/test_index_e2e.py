@@ -166,3 +166,40 @@ async def test_file_events_come_from_the_client_when_it_watches(
     while (await get_stats(client))["index"]["files"] != 2:
         assert time.monotonic() < limit, await get_stats(client)
         await asyncio.sleep(0.1)
+
+
+@pytest_lsp.fixture(
+    config=ClientServerConfig(server_command=[sys.executable, "-m", "exlsp.server", "serve"])
+)
+async def embedding_client(lsp_client: LanguageClient, tmp_path: Path, trained_model: Path):  # type: ignore[no-untyped-def]
+    """The default index (with the embedding model) on a one-file workspace: the index
+    loads its embedder at once, while the completion model is still loading."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "util.py").write_text(UTIL)
+    await lsp_client.initialize_session(
+        types.InitializeParams(
+            capabilities=types.ClientCapabilities(),
+            root_uri=ws.as_uri(),
+            initialization_options={
+                "model": {"path": str(trained_model), "device": "cpu", "threads": 1},
+                "index": {"databaseDir": str(tmp_path / "db")},
+            },
+        )
+    )
+    yield
+    await lsp_client.shutdown_session()
+
+
+async def test_the_model_and_the_embedder_load_side_by_side(
+    embedding_client: LanguageClient,
+) -> None:
+    limit = time.monotonic() + 180
+    while (stats := await get_stats(embedding_client))["state"] not in ("ready", "error"):
+        assert time.monotonic() < limit, stats
+        await asyncio.sleep(0.1)
+    assert stats["state"] == "ready", stats["error"]
+    while not (stats.get("index") or {}).get("chunks_with_vectors"):
+        assert time.monotonic() < limit, stats
+        await asyncio.sleep(0.2)
+        stats = await get_stats(embedding_client)

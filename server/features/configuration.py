@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import threading
 from typing import Any
@@ -65,6 +66,10 @@ def register(server: ExlspServer) -> None:
         ls.initialized = True
         ls.apply_logging()
         apply_settings(ls, await fetch_workspace_settings(ls), "workspace configuration")
+        # The model loads on the backend thread while the index loads its embedder on
+        # its own: a first `import transformers` in two threads at once fails in one
+        # of them ("cannot import name 'AutoConfig'"). Import it once, first.
+        await asyncio.to_thread(importlib.import_module, "transformers")
         await start_index(ls)
         ls.start_model()
 
