@@ -542,9 +542,13 @@ async def _retrieval_records(
             uri = (workspace / task.path).as_uri() + f"#task{n}"
             result = await _complete(service, document, offset, uri, task.path)
             got = result.suggestions[0].text if result.suggestions else ""
+            # Whether the prompt showed the model the name at all (retrieval recall).
+            built = service.engine.last_prompt if service.engine is not None else None
+            shown = built is not None and task.name in service.engine.tokenizer.decode(built.ids)
             records.append(
                 {
                     "project": workspace.name,
+                    "name_in_prompt": shown,
                     "task": asdict(task),
                     "completion": got,
                     "exact": normalize(got) == normalize(task.expected),
@@ -605,6 +609,7 @@ async def run_retrieval(args: argparse.Namespace) -> dict[str, Any]:
             "tasks": len(records),
             "exact_match": round(100 * sum(r["exact"] for r in records) / count, 2),
             "name_hit": round(100 * sum(r["name_hit"] for r in records) / count, 2),
+            "name_in_prompt": round(100 * sum(r["name_in_prompt"] for r in records) / count, 2),
             "mean_snippet_tokens": round(
                 statistics.fmean(r["snippet_tokens"] for r in records) if records else 0.0, 1
             ),
@@ -652,11 +657,14 @@ def _table(mode: str, result: dict[str, Any]) -> str:
                 f"{lat['p50']:>9.1f}{lat['p90']:>9.1f}"
             )
     else:
-        rows.append(f"{'variant':<12}{'tasks':>7}{'EM %':>8}{'name hit %':>12}{'snippet tok':>13}")
+        rows.append(
+            f"{'variant':<12}{'tasks':>7}{'EM %':>8}{'name hit %':>12}"
+            f"{'name in prompt %':>18}{'snippet tok':>13}"
+        )
         for name, s in result["variants"].items():
             rows.append(
                 f"{name:<12}{s['tasks']:>7}{s['exact_match']:>8.2f}{s['name_hit']:>12.2f}"
-                f"{s['mean_snippet_tokens']:>13.1f}"
+                f"{s['name_in_prompt']:>18.2f}{s['mean_snippet_tokens']:>13.1f}"
             )
         lift = result["lift"]
         rows.append(f"lift: EM {lift['exact_match']:+.2f} points, name hit {lift['name_hit']:+.2f}")
