@@ -544,7 +544,11 @@ async def _retrieval_records(
             got = result.suggestions[0].text if result.suggestions else ""
             # Whether the prompt showed the model the name at all (retrieval recall).
             built = service.engine.last_prompt if service.engine is not None else None
-            shown = built is not None and task.name in service.engine.tokenizer.decode(built.ids)
+            shown = built is not None and bool(
+                re.search(
+                    rf"\b{re.escape(task.name)}\b", service.engine.tokenizer.decode(built.ids)
+                )
+            )
             records.append(
                 {
                     "project": workspace.name,
