@@ -37,11 +37,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import gzip
 import json
 import os
-import platform
 import random
 import re
 import resource
@@ -60,9 +58,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from exlsp.benchmarks import provenance
+
 BENCH_DIR = Path(__file__).resolve().parent
 DATA_DIR = BENCH_DIR / "data" / "human_eval_infilling"
-RESULTS_DIR = BENCH_DIR / "results"
+RESULTS_DIR = provenance.RESULTS_DIR
 SUBSETS = {
     "single": "HumanEval-SingleLineInfilling.jsonl.gz",
     "multi": "HumanEval-MultiLineInfilling.jsonl.gz",
@@ -262,53 +262,6 @@ class Progress:
             self._shown = self.done * 10 // self.total
             sys.stderr.write(line + "\n")
         sys.stderr.flush()
-
-
-def loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-    }
-    from importlib import metadata
-
-    for name in ("torch", "transformers", "tokenizers"):
-        with contextlib.suppress(Exception):
-            info[name] = metadata.version(name)
-    return info
-
-
-def commit() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(
-                ["git", *args], cwd=BENCH_DIR, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
-
-
-def write_results(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:
@@ -709,7 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.limit = _limits(args.limit, args.subsets)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    load_start = loadavg()
+    load_start = provenance.loadavg()
     started = time.perf_counter()
     if args.mode == "oracle":
         result = run_oracle(args)
@@ -720,10 +673,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     payload = {
         "benchmark": "humaneval-infilling" if args.mode != "retrieval" else "cross-file-retrieval",
         "mode": args.mode,
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        **commit(),
-        "machine": machine(),
-        "loadavg": {"start": load_start, "end": loadavg()},
+        "date": provenance.now(),
+        "commit": provenance.commit_info(),
+        "machine": provenance.machine_info(("torch", "transformers", "tokenizers")),
+        "loadavg": {"start": load_start, "end": provenance.loadavg()},
         "seconds": round(time.perf_counter() - started, 1),
         "command": "python -m exlsp.benchmarks.quality "
         + " ".join(sys.argv[1:] if argv is None else argv),
@@ -734,7 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         **result,
     }
     name = args.name or f"quality-{args.mode}"
-    path = write_results(name, payload)
+    path = provenance.write_results(RESULTS_DIR / f"{name}.json", payload)
     print(_table(args.mode, result))
     print(f"results: {path}")
     return 0
