@@ -912,6 +912,8 @@ def postprocess(raw: str, ctx: FilterContext, *, final: bool = True) -> Processe
     on the text as complete, last line included. Then the cleanup filters run.
     `truncated` / `by` report the first filter that changed the text.
     """
+    if not raw:  # nothing to filter (the facts about the context are not needed)
+        return Processed(text="", truncated=False, by=None)
     text, by = _cut(raw, ctx, complete=False)
     if not final:
         return Processed(text=text, truncated=by is not None, by=by)

@@ -103,6 +103,8 @@ def _strip_eol(line: str) -> str:
 # How far the left part of a very long cursor line is cut, in characters: the cut
 # point moves in steps of this many, so it stays put while the user types.
 _MIDDLE_STEP = 256
+# Distinct lines whose token counts are kept (all are dropped when full).
+_LINE_COUNTS_MAX = 65536
 # Characters per token assumed only to bound how much text is looked at before
 # the real tokenizer counts it.
 _CHARS_PER_TOKEN_MAX = 8
@@ -120,17 +122,23 @@ class PromptBuilder:
         self.fim = fim
         self.config = config
         self.segments = TokenCache(tokenizer.encode, 512)
-        self._line_tokens = TokenCache(tokenizer.encode, 65536)
+        # Token counts of whole lines, read at every keystroke for each line of the
+        # windows: a plain dict (a line's hash is cached in the str) instead of an LRU.
+        self._line_counts: dict[str, int] = {}
         self._window_start: OrderedDict[str, int] = OrderedDict()
 
     def forget(self, uri: str) -> None:
         self._window_start.pop(uri, None)
 
     def _count(self, line: str) -> int:
-        limit = self.config.prefixTokens * _CHARS_PER_TOKEN_MAX
-        if len(line) > limit:
-            return 1 << 30  # a huge (minified) line never fits a window
-        return len(self._line_tokens(line))
+        n = self._line_counts.get(line)
+        if n is None:
+            if len(line) > self.config.prefixTokens * _CHARS_PER_TOKEN_MAX:
+                return 1 << 30  # a huge (minified) line never fits a window
+            if len(self._line_counts) >= _LINE_COUNTS_MAX:
+                self._line_counts.clear()
+            n = self._line_counts[line] = len(self.tokenizer.encode(line))
+        return n
 
     # -- windows ------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import gc
 import hashlib
 import logging
 import threading
@@ -180,6 +181,7 @@ class WorkspaceIndex:
         self._given_embedder = embedder
         self._busy = busy
         self._files_rules = WorkspaceFiles(self.root, self.config)
+        self._edit_paths: dict[str, str | None] = {}
         self._chunker = Chunker(self.config.chunkLines, self.config.chunkOverlap)
 
         self._cond = threading.Condition()
@@ -301,9 +303,8 @@ class WorkspaceIndex:
         Edits of secret files (the deny-list, inside the workspace or not) are not
         kept: they would end up in prompts.
         """
-        rel = self._files_rules.relpath(uri_or_path)
-        path = rel if rel else uri_or_path
-        if self._files_rules.is_denied(rel or self._files_rules.plain_path(uri_or_path)):
+        path = self._edit_path(uri_or_path)
+        if path is None:
             return
         lines = max(1, text.count("\n") + (0 if text.endswith("\n") else 1))
         edit = RecentEdit(path, max(0, line), max(0, line) + lines, text, time.monotonic())
@@ -319,6 +320,19 @@ class WorkspaceIndex:
             ]
             kept.append(edit)
             self._recent = collections.deque(kept[-MAX_RECENT_EDITS:])
+
+    def _edit_path(self, uri_or_path: str) -> str | None:
+        """The path an edit is kept under (None: on the deny-list), kept per document:
+        it is asked at every keystroke and path rules are not cheap."""
+        if uri_or_path in self._edit_paths:
+            return self._edit_paths[uri_or_path]
+        rel = self._files_rules.relpath(uri_or_path)
+        denied = self._files_rules.is_denied(rel or self._files_rules.plain_path(uri_or_path))
+        path = None if denied else (rel or uri_or_path)
+        if len(self._edit_paths) >= 1024:
+            self._edit_paths.clear()
+        self._edit_paths[uri_or_path] = path
+        return path
 
     def recent_edits(self, exclude_path: str | None = None, limit: int = 3) -> list[RecentEdit]:
         """The latest edits, newest first, leaving out those of `exclude_path`."""
@@ -542,6 +556,9 @@ class WorkspaceIndex:
         embedder: Embedder | None = self._given_embedder or self._embedder
         if embedder is None:
             embedder = load_embedder(self.config)
+            # Its imports and weights stay for the life of the process: keep them out
+            # of the garbage collector's full collections (tenths of a second each).
+            gc.freeze()
         if embedder is not None and embedder.dim != store.vector_dim:
             log.warning(
                 "embedding model %s gives %d dimensions, the table has %d: lexical only",
