@@ -378,8 +378,16 @@ class ExlspServer(LanguageServer):
         """(Re)load the model in the background; requests meanwhile answer empty."""
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
-        if self.service is not None:
-            self.service.close()
+        old, self.service = self.service, None
+        if old is not None:
+            # What was frozen after the last load (see _report_load) holds the old
+            # model (and a replaced index): hand it back to the collector and collect
+            # now, or its reference cycles would stay, frozen again after this load.
+            # A reload is rare and its completions answer empty anyway.
+            gc.unfreeze()
+            old.close()
+            del old
+            gc.collect()
         self.service = CompletionService(self.config.engine(), self.context_source)
         self._load_task = asyncio.get_running_loop().create_task(self._load(self.service))
 

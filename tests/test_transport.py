@@ -152,3 +152,39 @@ def test_handled_notifications_leave_no_futures_behind() -> None:
     doc = server.documents.get(uri)
     assert doc is not None and doc.text == "x = 1" + "2" * 40 + "\n"
     assert protocol._request_futures == {}
+
+
+def test_a_model_reload_lets_the_frozen_old_model_be_collected() -> None:
+    """After a load the server freezes the heap (gc.freeze) so full collections skip
+    the model; a reload must unfreeze it, or the old model's reference cycles (and
+    the memory they hold) would never be collected."""
+    import asyncio
+    import gc
+    import weakref
+
+    from exlsp.server.lsp import build_server
+
+    server = build_server()
+    server.config.model.backend = "instant"
+
+    async def run() -> weakref.ref[Any]:
+        server.start_model()
+        await server.wait_ready()
+        first = server.service
+        assert first is not None and first.state == "ready" and first.backend is not None
+        backend = first.backend
+        backend.itself = backend  # type: ignore[attr-defined]  # a reference cycle
+        gone = weakref.ref(backend)
+        del backend, first
+        server.start_model()  # a reload, as after a configuration change
+        await server.wait_ready()
+        assert server.service is not None and server.service.state == "ready"
+        await server.service.aclose()
+        return gone
+
+    try:
+        gone = asyncio.run(run())
+        gc.collect()
+        assert gone() is None
+    finally:
+        gc.unfreeze()
