@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import gc
 import hashlib
 import logging
 import threading
@@ -556,9 +555,6 @@ class WorkspaceIndex:
         embedder: Embedder | None = self._given_embedder or self._embedder
         if embedder is None:
             embedder = load_embedder(self.config)
-            # Its imports and weights stay for the life of the process: keep them out
-            # of the garbage collector's full collections (tenths of a second each).
-            gc.freeze()
         if embedder is not None and embedder.dim != store.vector_dim:
             log.warning(
                 "embedding model %s gives %d dimensions, the table has %d: lexical only",

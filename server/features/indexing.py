@@ -4,6 +4,7 @@ reporting `$/progress`; its retriever is the completion engine's context source.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from typing import Any
 
@@ -41,7 +42,13 @@ class ProgressReporter:
         self._tokens: dict[str, str] = {}
 
     def __call__(self, event: Any) -> None:
-        if self.supported and not self.loop.is_closed():
+        if self.loop.is_closed():
+            return
+        if event.kind == "end":
+            # A pass is over and the embedder loaded: its imports and weights stay,
+            # so keep them out of full collections too (see ExlspServer._report_load).
+            self.loop.call_soon_threadsafe(gc.freeze)
+        if self.supported:
             self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._send(event)))
 
     async def _send(self, event: Any) -> None:
