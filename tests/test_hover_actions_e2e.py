@@ -15,6 +15,7 @@ from pygls.exceptions import JsonRpcException
 from pytest_lsp import ClientServerConfig, LanguageClient
 
 from exlsp.completion.assist_syntax import parse
+from tests.test_lsp_e2e import plain
 
 pytestmark = pytest.mark.e2e
 
@@ -253,14 +254,6 @@ async def raw_request(client: LanguageClient, method: str, params: Any) -> Any:
         JsonRPCRequestMessage(id=msg_id, method=method, params=params, jsonrpc="2.0")
     )
     return plain(await asyncio.wrap_future(future))
-
-
-def plain(value: Any) -> Any:
-    if hasattr(value, "_asdict"):
-        return {k: plain(v) for k, v in value._asdict().items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    return value
 
 
 async def test_command_path_applies_through_the_editor(plain_client: LanguageClient) -> None:

@@ -37,6 +37,7 @@ from exlsp.completion.tokenizer import HfTokenizer
 from exlsp.completion.types import CompletionRequest, DocumentView
 from exlsp.server.documents import split_lines
 from tests.openai_fake_server import FakeOpenAIServer, Step, streamed
+from tests.test_lsp_e2e import record_notifications, wait_ready
 
 DOC = "def add(a, b):\n    \n\nprint(add(1, 2))\n"
 KEY = "sk-test-secret-1234"
@@ -567,24 +568,11 @@ def test_doctor_checks_the_server_and_one_completion(fake, monkeypatch) -> None:
 # -- over LSP: the language server stays up and says what is wrong, once ----------------------
 
 
-def _plain(value: Any) -> Any:
-    if hasattr(value, "_asdict"):
-        return {k: _plain(v) for k, v in value._asdict().items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
 @pytest_lsp.fixture(
     config=ClientServerConfig(server_command=[sys.executable, "-m", "exlsp.server", "serve"])
 )
 async def lsp(lsp_client: LanguageClient, fake: FakeOpenAIServer):  # type: ignore[no-untyped-def]
-    lsp_client.statuses = []  # type: ignore[attr-defined]
-
-    @lsp_client.feature("exlsp/status")
-    def status(params: Any) -> None:
-        lsp_client.statuses.append(_plain(params))  # type: ignore[attr-defined]
-
+    record_notifications(lsp_client)
     await lsp_client.initialize_session(
         types.InitializeParams(
             capabilities=types.ClientCapabilities(
@@ -610,10 +598,8 @@ async def lsp(lsp_client: LanguageClient, fake: FakeOpenAIServer):  # type: igno
 
 async def test_an_editor_sees_one_status_per_problem_and_the_recovery(lsp, fake) -> None:  # type: ignore[no-untyped-def]
     client: LanguageClient = lsp
-    limit = time.monotonic() + 30
-    while _plain(await client.protocol.send_request_async("exlsp/stats", {}))["state"] != "ready":
-        assert time.monotonic() < limit
-        await asyncio.sleep(0.05)
+    stats = await wait_ready(client, timeout=30)
+    assert stats["state"] == "ready", stats
     uri = "file:///w/m.py"
     client.text_document_did_open(
         types.DidOpenTextDocumentParams(types.TextDocumentItem(uri, "python", 1, DOC))

@@ -9,7 +9,6 @@ with the reason.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -28,6 +27,7 @@ from exlsp.completion.service import CompletionService, create_backend
 from exlsp.completion.types import CompletionRequest, CompletionResult, DocumentView
 from exlsp.server.documents import split_lines
 from tests.llama_server import BuildFailed, LlamaServer, ensure_llama_server
+from tests.test_lsp_e2e import get_stats, inline, record_notifications, wait_ready
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -241,14 +241,6 @@ async def test_outage_key_and_recovery(
 SERVER = [sys.executable, "-m", "exlsp.server", "serve"]
 
 
-def _plain(value: Any) -> Any:
-    if hasattr(value, "_asdict"):
-        return {k: _plain(v) for k, v in value._asdict().items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
 @pytest.fixture
 def own_llama(binary: Path, gguf: Path) -> Iterator[LlamaServer]:
     server = LlamaServer(binary, gguf, "--ctx-size", "2048")
@@ -259,12 +251,7 @@ def own_llama(binary: Path, gguf: Path) -> Iterator[LlamaServer]:
 
 @pytest_lsp.fixture(config=ClientServerConfig(server_command=SERVER))
 async def client(lsp_client: LanguageClient, own_llama: LlamaServer, trained_model: Path):  # type: ignore[no-untyped-def]
-    lsp_client.statuses = []  # type: ignore[attr-defined]
-
-    @lsp_client.feature("exlsp/status")
-    def status(params: Any) -> None:
-        lsp_client.statuses.append(_plain(params))  # type: ignore[attr-defined]
-
+    record_notifications(lsp_client)
     await lsp_client.initialize_session(
         types.InitializeParams(
             capabilities=types.ClientCapabilities(
@@ -291,45 +278,26 @@ async def client(lsp_client: LanguageClient, own_llama: LlamaServer, trained_mod
     await lsp_client.shutdown_session()
 
 
-async def _stats(client: LanguageClient) -> dict[str, Any]:
-    return dict(_plain(await client.protocol.send_request_async("exlsp/stats", {})))
-
-
-async def _inline(client: LanguageClient, uri: str, line: int, character: int) -> Any:
-    return await client.text_document_inline_completion_async(
-        types.InlineCompletionParams(
-            text_document=types.TextDocumentIdentifier(uri),
-            position=types.Position(line, character),
-            context=types.InlineCompletionContext(
-                trigger_kind=types.InlineCompletionTriggerKind.Automatic
-            ),
-        )
-    )
-
-
 async def test_an_editor_gets_suggestions_and_one_status_when_the_server_goes(
     client: LanguageClient,
 ) -> None:
-    limit = time.monotonic() + 60
-    while (stats := await _stats(client))["state"] not in ("ready", "error"):
-        assert time.monotonic() < limit
-        await asyncio.sleep(0.1)
+    stats = await wait_ready(client, timeout=60)
     assert stats["state"] == "ready", stats
     uri = "file:///w/app.py"
     client.text_document_did_open(
         types.DidOpenTextDocumentParams(types.TextDocumentItem(uri, "python", 1, SOURCE))
     )
-    result = await _inline(client, uri, *PLACES[0])
+    result = await inline(client, uri, *PLACES[0])
     assert result.items and result.items[0].insert_text
-    last = (await _stats(client))["last"]
+    last = (await get_stats(client))["last"]
     assert last["source"] == "model" and last["reuseKnown"] is True
 
     client.llama.stop()  # type: ignore[attr-defined]
     for _ in range(5):
-        result = await _inline(client, uri, *PLACES[1])
+        result = await inline(client, uri, *PLACES[1])
         assert not result.items  # an answer, not an error
     errors = [s for s in client.statuses if s["state"] == "error"]  # type: ignore[attr-defined]
     assert len(errors) == 1 and "cannot connect" in errors[0]["message"]
     shown = [m.message for m in client.messages if "cannot connect" in m.message]
     assert len(shown) == 1
-    assert (await _stats(client))["state"] == "ready"  # the language server is still up
+    assert (await get_stats(client))["state"] == "ready"  # the language server is still up
