@@ -11,7 +11,7 @@ from typing import Any
 from lsprotocol import types
 
 from exlsp.server.config import merge
-from exlsp.server.features.indexing import start_index
+from exlsp.server.features.indexing import start_index, stop_index
 from exlsp.server.lsp import ExlspServer
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,6 @@ def register(server: ExlspServer) -> None:
     @server.feature(types.SHUTDOWN)
     async def shutdown(ls: ExlspServer, params: Any) -> None:
         # Joining the index and backend threads can take seconds: not on the event loop.
-        index, ls.index = ls.index, None
-        if index is not None:
-            await asyncio.to_thread(index.stop)
+        await stop_index(ls)
         if ls.service is not None:
             await ls.service.aclose()

@@ -86,11 +86,7 @@ class ProgressReporter:
 
 async def start_index(ls: ExlspServer) -> None:
     """Start (or restart) the index for the workspace; no-op when disabled or no root."""
-    old = ls.index
-    ls.index = None
-    if old is not None:
-        # Stopping waits for the worker's current write: not on the event loop.
-        await asyncio.to_thread(old.stop)
+    await stop_index(ls)
     config = ls.config.index
     root = ls.workspace_root()
     if not config.enabled or root is None:
@@ -139,11 +135,12 @@ async def start_index(ls: ExlspServer) -> None:
     log.info("indexing %s (%s)", root, "editor file events" if editor_events else "watchdog")
 
 
-def stop_index(ls: ExlspServer) -> None:
-    index = ls.index
-    ls.index = None
+async def stop_index(ls: ExlspServer) -> None:
+    """Stop the running index, if any."""
+    index, ls.index = ls.index, None
     if index is not None:
-        index.stop()
+        # Stopping waits for the worker's current write: not on the event loop.
+        await asyncio.to_thread(index.stop)
 
 
 def register(server: ExlspServer) -> None:
