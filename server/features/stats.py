@@ -13,16 +13,6 @@ def _camel(name: str) -> str:
     return head + "".join(w.title() for w in rest)
 
 
-_decoded: list[Any] = [None, ""]  # the last prompt shown, and its text
-
-
-def _full_text(engine: Any, prompt: Any) -> str:
-    """The whole prompt as text: decoded once per prompt, however often stats are read."""
-    if _decoded[0] is not prompt:
-        _decoded[:] = [prompt, engine.tokenizer.decode(prompt.ids)]
-    return str(_decoded[1])
-
-
 def stats_payload(ls: ExlspServer) -> dict[str, Any]:
     service = ls.service
     engine = service.engine if service else None
@@ -44,7 +34,7 @@ def stats_payload(ls: ExlspServer) -> dict[str, Any]:
             "prefix": prompt.prefix,
             "suffix": prompt.suffix,
             "middle": prompt.middle,
-            "full": _full_text(engine, prompt),
+            "full": engine.tokenizer.decode(prompt.ids),
         }
         if engine and prompt
         else None,
