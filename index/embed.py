@@ -235,6 +235,28 @@ class QueryVector:
     vector: np.ndarray
 
 
+# How often a wait for the completion backend looks again.
+BUSY_POLL_S = 0.02
+
+
+def wait_while_busy(
+    busy: Callable[[], bool] | None, max_s: float, stopped: Callable[[], bool]
+) -> None:
+    """Wait while `busy()` says completions are being computed, for at most `max_s`
+    seconds and only until `stopped()`: background work gives way to completions,
+    and is never held back for good. A probe that fails ends the wait."""
+    if busy is None:
+        return
+    deadline = time.monotonic() + max_s
+    while not stopped() and time.monotonic() < deadline:
+        try:
+            if not busy():
+                return
+        except Exception:  # a broken probe must not stall the work
+            return
+        time.sleep(BUSY_POLL_S)
+
+
 class QueryVectorCache:
     """Query embeddings computed on a thread of their own, never on the caller's.
 
@@ -330,19 +352,6 @@ class QueryVectorCache:
             self._entries.clear()
             self._model = model
 
-    def _wait_while_busy(self) -> None:
-        probe = self._busy_probe
-        if probe is None:
-            return
-        deadline = time.monotonic() + self._yield_max_s
-        while not self._closed and time.monotonic() < deadline:
-            try:
-                if not probe():
-                    return
-            except Exception:  # a broken probe must not stop query vectors
-                return
-            time.sleep(0.02)
-
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -351,7 +360,8 @@ class QueryVectorCache:
                 if self._closed:
                     return
                 self._busy = True
-            self._wait_while_busy()  # the latest request is taken after the wait
+            # The latest request is taken after the wait.
+            wait_while_busy(self._busy_probe, self._yield_max_s, lambda: self._closed)
             with self._cond:
                 if self._closed or self._pending is None:
                     self._busy = False

@@ -37,6 +37,7 @@ from exlsp.index.embed import (
     load_embedder,
     peek_dimension,
     resolve_model,
+    wait_while_busy,
 )
 from exlsp.index.files import FileRead, Verdict, WorkspaceFiles
 from exlsp.index.lexical import query_terms
@@ -80,9 +81,8 @@ QUERY_TERMS = 32
 # A batch larger than this reports progress, and gives way to completions.
 LARGE_BATCH = 50
 # While the completion backend is busy, heavy index work (scans, embedding, index
-# builds) waits, polling this often, but at most YIELD_MAX_S before each step so
-# that a user who types without pause still gets an index.
-YIELD_POLL_S = 0.02
+# builds) waits, but at most YIELD_MAX_S before each step so that a user who types
+# without pause still gets an index.
 YIELD_MAX_S = 2.0
 # Files a scan reads between two looks at the completion backend.
 YIELD_EVERY_FILES = 16
@@ -440,17 +440,7 @@ class WorkspaceIndex:
 
     def _yield_to_completions(self) -> None:
         """Wait (up to YIELD_MAX_S) while completions are being computed."""
-        busy = self._busy
-        if busy is None:
-            return
-        deadline = time.monotonic() + YIELD_MAX_S
-        while not self._stopping and time.monotonic() < deadline:
-            try:
-                if not busy():
-                    return
-            except Exception:  # a broken probe must not stall the index
-                return
-            time.sleep(YIELD_POLL_S)
+        wait_while_busy(self._busy, YIELD_MAX_S, lambda: self._stopping)
 
     def _emit(self, event: ProgressEvent) -> None:
         if self._on_progress is None:
