@@ -100,6 +100,12 @@ def create_backend(model: ModelConfig) -> Backend:
         except Exception as e:
             raise ModelLoadError(f"cannot start the openai backend: {e}") from e
     path = resolve_model_dir(model)
+    if model.backend == "transformers" and not any(path.glob("*.safetensors")):
+        raise ModelLoadError(
+            f"no .safetensors weights in {path}: exlsp loads safetensors only, never pickled"
+            " .bin/.pt weights (they can run code when loaded); save the model with"
+            " transformers' save_pretrained(..., safe_serialization=True)"
+        )
     try:
         if model.backend == "transformers":
             from exlsp.completion.backends.transformers_backend import TransformersBackend
@@ -188,6 +194,11 @@ class CompletionService:
         self.config = dataclasses.replace(self.config, completion=completion)
         if self.engine is not None:
             self.engine.reconfigure(fit_budgets(completion, self.context_length))
+
+    def set_context(self, context: ContextSource | None) -> None:
+        self.context = context
+        if self.engine is not None:
+            self.engine.set_context(context)
 
     def close(self) -> None:
         if self.engine is not None:

@@ -221,3 +221,17 @@ def test_background_prefill_in_chunks_is_exact_and_stops_between_chunks(
     assert list(backend.stream(resumed)) == one_pass
     assert resumed.stats.reused_tokens == 2 * BACKGROUND_PREFILL_CHUNK
     backend._use_slot("main")
+
+
+def test_pickled_weights_are_never_loaded(tiny_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from exlsp.completion.service import ModelLoadError, create_backend
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model, pickled)
+    for weights in pickled.glob("*.safetensors"):
+        weights.unlink()
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ModelLoadError, match="safetensors only"):
+        create_backend(ModelConfig(path=str(pickled), device="cpu"))

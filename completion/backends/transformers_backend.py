@@ -66,7 +66,8 @@ class TransformersBackend:
         dtype = _pick_dtype(torch, config.dtype, self.device)
         hf_config = AutoConfig.from_pretrained(model_dir)
         loader: Any = AutoModelForCausalLM.from_pretrained
-        self.model: Any = loader(str(model_dir), dtype=dtype)
+        # safetensors only: pickled weights (.bin, .pt) can run code when loaded.
+        self.model: Any = loader(str(model_dir), dtype=dtype, use_safetensors=True)
         self.model.to(self.device)
         self.model.eval()
         # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old
