@@ -8,6 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# `model.apiKeyEnv` may name only exlsp's own variables: a shared settings file must
+# not be able to send, say, $GITHUB_TOKEN to a server of its choosing.
+API_KEY_ENV_PREFIX = "EXLSP_"
+
+
+def api_key_env_allowed(name: str) -> bool:
+    return name.startswith(API_KEY_ENV_PREFIX) and name.isidentifier()
+
 
 @dataclass
 class ModelConfig:
@@ -42,7 +50,8 @@ class ModelConfig:
     remoteModel: str = ""
     # openai: API key. Prefer `apiKeyEnv`: settings files get shared, environments less so.
     apiKey: str = field(default="", repr=False)
-    # openai: environment variable read for the API key when `apiKey` is empty.
+    # openai: environment variable read for the API key when `apiKey` is empty
+    # (only EXLSP_* names are read).
     apiKeyEnv: str = "EXLSP_API_KEY"
     # openai: "tokens" (token-id prompts: vLLM, llama.cpp, SGLang; needs `path`),
     # "text" (any server, TabbyAPI included) or "auto" (tokens when `path` is set).

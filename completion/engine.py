@@ -325,6 +325,10 @@ class CompletionEngine:
         self.builder.config = config
         self.snippets.config = config
 
+    def set_context(self, context: ContextSource | None) -> None:
+        """Take snippets from another source (the index restarted on a new root)."""
+        self.snippets = StickySnippets(context or NoContext(), self.config, self._warm)
+
     def forget(self, uri: str) -> None:
         """A document closed: drop its per-document state."""
         self.builder.forget(uri)

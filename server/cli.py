@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -73,15 +74,41 @@ def load_config(path: str | None) -> Config:
 # -- serve -------------------------------------------------------------------------
 
 
+def _tcp_address(spec: str, listen_any: bool) -> tuple[str, int]:
+    """[HOST:]PORT; a host that is not loopback only with --listen-any (and a warning):
+    whoever connects reads the code around the cursor and the suggestions."""
+    host, _, port = spec.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        number = int(port)
+    except ValueError:
+        raise SystemExit(f"exlsp serve: --tcp takes [HOST:]PORT, got {spec!r}") from None
+    loopback = host == "localhost"
+    with contextlib.suppress(ValueError):
+        loopback = loopback or ipaddress.ip_address(host).is_loopback
+    if not loopback:
+        if not listen_any:
+            raise SystemExit(
+                f"exlsp serve: {host} is not a loopback address; exlsp listens on 127.0.0.1"
+                " unless you add --listen-any (anyone who can connect sees your code)"
+            )
+        print(
+            f"exlsp: warning: listening on {host}:{number} without authentication: anyone who"
+            " can reach this port can read your code and suggestions (one client at a time)",
+            file=sys.stderr,
+        )
+    return host, number
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from exlsp.server.lsp import build_server
 
     server = build_server()
     if args.tcp:
-        host, _, port = args.tcp.rpartition(":")
-        server.start_tcp(host or "127.0.0.1", int(port))
-        return 0
-    server.start_io()
+        host, port = _tcp_address(args.tcp, args.listen_any)
+        server.start_tcp(host, port)
+    else:
+        server.start_io()
     # The model and the index were closed at `shutdown`. What is left is the
     # interpreter's teardown of torch and transformers, 2-3 s here: long enough
     # for editors to kill the process (VS Code waits 2 s). Skip it.
@@ -201,7 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", parents=[common], help="run the language server (stdio by default)")
-    p.add_argument("--tcp", metavar="[HOST:]PORT", help="listen on TCP (host 127.0.0.1)")
+    p.add_argument(
+        "--tcp", metavar="[HOST:]PORT", help="listen on TCP (host 127.0.0.1; one client)"
+    )
+    p.add_argument(
+        "--listen-any",
+        action="store_true",
+        help="allow a --tcp host that is not loopback (no authentication: use with care)",
+    )
     p.add_argument("--stdio", action="store_true", help="use stdio (the default)")
     p.set_defaults(func=cmd_serve)
 
@@ -236,8 +270,6 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_search)
 
     args = parser.parse_args(argv)
-    if args.command == "serve" and args.tcp and ":" not in args.tcp:
-        args.tcp = f"127.0.0.1:{args.tcp}"
     level = args.log_level or ("info" if args.command == "serve" else "critical")
     setup_logging(level, args.log_file)
     return int(args.func(args) or 0)

@@ -3,6 +3,12 @@
 Precedence: defaults < `initializationOptions` < `workspace/configuration`
 (section "exlsp") / `workspace/didChangeConfiguration`. A bad value is
 reported and its default (or the value it had) kept; the rest still applies.
+
+Settings that choose a model to load, a host, a credential or a path to write
+(`USER_ONLY`) come only from the user: `initializationOptions` (the editor's
+user settings), the user configuration file and the command line. A
+repository's settings reach the server through `workspace/configuration`, so
+those keys are dropped there (`drop_user_only`).
 """
 
 from __future__ import annotations
@@ -15,7 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from exlsp.completion.assist import CodeActionsConfig, HoverConfig
-from exlsp.completion.config import CompletionConfig, EngineConfig, ModelConfig
+from exlsp.completion.config import (
+    API_KEY_ENV_PREFIX,
+    CompletionConfig,
+    EngineConfig,
+    ModelConfig,
+    api_key_env_allowed,
+)
 from exlsp.index.config import IndexConfig
 
 _LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -27,6 +39,27 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "cacheType"): ("fp16", "q8", "q6", "q4"),
     ("model", "promptFormat"): ("auto", "tokens", "text"),
 }
+# Chosen only by the user: a model to load, a host, a credential, a path to write.
+USER_ONLY: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("model", "path"),
+        ("model", "backend"),
+        ("model", "baseUrl"),
+        ("model", "remoteModel"),
+        ("model", "apiKey"),
+        ("model", "apiKeyEnv"),
+        ("model", "verifyTls"),
+        ("model", "caFile"),
+        ("index", "databaseDir"),
+        ("index", "sharedIndex"),
+        ("index", "embeddingModel"),
+        ("index", "storageEndpoint"),
+        ("index", "storageRegion"),
+        ("index", "storageAccessKeyId"),
+        ("index", "storageSecretAccessKey"),
+        ("logging", "file"),
+    }
+)
 # Values never echoed in messages.
 _SECRETS = {("model", "apiKey"), ("index", "storageSecretAccessKey")}
 # Integers that must be positive; the others must be >= 0.
@@ -89,6 +122,11 @@ def _check(section: str, name: str, typ: Any, value: Any) -> Any:
     if typ is str:
         if not isinstance(value, str):
             raise ValueError("expected a string")
+        if (section, name) == ("model", "apiKeyEnv") and value and not api_key_env_allowed(value):
+            raise ValueError(
+                f"only variables named {API_KEY_ENV_PREFIX}* may hold the API key"
+                f" (set {API_KEY_ENV_PREFIX}API_KEY in the editor's environment)"
+            )
         choices = _CHOICES.get((section, name))
         if choices and value.lower() not in choices:
             raise ValueError(f"expected one of {', '.join(choices)}")
@@ -128,6 +166,28 @@ def merge(obj: Any, wire: Any, path: str = "") -> tuple[Any, list[str]]:
             else:
                 errors.append(f"{where}: {e} (got {value!r}); keeping {current!r}")
     return dataclasses.replace(obj, **changes), errors
+
+
+def drop_user_only(current: Any, wire: Any) -> tuple[Any, list[str]]:
+    """`wire` (a settings tree from the workspace) without the `USER_ONLY` keys; and
+    the names of those that would have changed a value (the same value, as a client
+    that answers with the user's own settings sends it, is not worth a word)."""
+    if not isinstance(wire, dict):
+        return wire, []
+    kept: dict[str, Any] = {}
+    dropped: list[str] = []
+    for section, values in wire.items():
+        if not isinstance(values, dict):
+            kept[section] = values
+            continue
+        sub = getattr(current, section, None)
+        kept[section] = {}
+        for key, value in values.items():
+            if (section, key) not in USER_ONLY:
+                kept[section][key] = value
+            elif sub is None or getattr(sub, key, value) != value:
+                dropped.append(f"{section}.{key}")
+    return kept, dropped
 
 
 def level_number(level: str) -> int:

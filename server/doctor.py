@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import os
 import re
 import shutil
 import subprocess
@@ -312,12 +311,16 @@ def _load_rows(report: DoctorReport, model: ModelConfig, path: Path) -> None:
 def _remote_rows(report: DoctorReport, model: ModelConfig, load: bool) -> None:
     """The openai backend: the server, the key's source, the prompt format, one completion."""
     from exlsp.completion.backends.base import GenerationJob
-    from exlsp.completion.backends.openai_backend import estimate_note, load_openai_backend
+    from exlsp.completion.backends.openai_backend import (
+        estimate_note,
+        load_openai_backend,
+        resolve_api_key,
+    )
 
     report.add("server", model.baseUrl or "(model.baseUrl not set)")
     if model.apiKey:
         report.add("API key", "from model.apiKey")
-    elif model.apiKeyEnv and os.environ.get(model.apiKeyEnv):
+    elif resolve_api_key(model):
         report.add("API key", f"from ${model.apiKeyEnv}")
     else:
         report.add("API key", "none")

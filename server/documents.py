@@ -13,6 +13,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from pygls.uris import to_fs_path
+
+from exlsp.index.secrets import secret_in_text, secret_path
+
 _BREAK = re.compile(r"\r\n|\r|\n")
 
 
@@ -76,16 +80,40 @@ class PositionError(ValueError):
     pass
 
 
+def secret_reason(uri: str, text: str) -> str | None:
+    """Why a document must never reach a model: a secret file by its name or its link's
+    target, or text holding a private key or a credential; None when it may."""
+    path = to_fs_path(uri) if uri.startswith("file:") else None
+    if path and secret_path(path):
+        return "it is a secret file"
+    found = secret_in_text(text)
+    return f"it holds {found}" if found else None
+
+
 @dataclass
 class Document:
     uri: str
     language: str
     version: int
     lines: list[str] = field(default_factory=lambda: [""])
+    # Why the document must not reach a model (see `secret_reason`); once set, it stays
+    # until the document is closed.
+    secret: str | None = None
 
     @classmethod
     def from_text(cls, uri: str, language: str, version: int, text: str) -> Document:
-        return cls(uri, language, version, split_lines(text))
+        return cls(uri, language, version, split_lines(text), secret_reason(uri, text))
+
+    def check_secret(self, first: int | None = None, last: int | None = None) -> None:
+        """Look for a secret in lines first..last (all lines without a range) after an edit."""
+        if self.secret is not None:
+            return
+        if first is None or last is None:
+            found = secret_in_text(self.text)
+        else:
+            found = secret_in_text("".join(self.lines[max(0, first - 1) : last + 2]))
+        if found:
+            self.secret = f"it holds {found}"
 
     @property
     def text(self) -> str:

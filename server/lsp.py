@@ -265,6 +265,56 @@ class ExlspServer(LanguageServer):
         finally:
             self.shutdown()
 
+    def start_tcp(self, host: str, port: int) -> None:
+        """Serve LSP over TCP to one client at a time.
+
+        pygls hands every connection the same protocol (its writer replaced by the
+        newest), so a second client would read the first one's answers and could
+        change its settings. A connection made while a client is served is closed at
+        once; the server ends when its client leaves, as over stdio.
+        """
+        self._stop_event = stop = threading.Event()
+        busy = False
+        listener: asyncio.Server | None = None
+
+        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal busy
+            peer = writer.get_extra_info("peername")
+            if busy:
+                log.warning("refused a second connection from %s: one client per server", peer)
+                writer.close()
+                return
+            busy = True
+            log.info("client connected from %s", peer)
+            self.protocol.set_writer(writer)
+            try:
+                await run_async(
+                    stop_event=stop,
+                    reader=reader,
+                    protocol=self.protocol,
+                    logger=log,
+                    error_handler=self.report_server_error,
+                )
+            except SystemExit as e:  # the client's `exit`: 0 after `shutdown`, 1 without
+                self.exit_code = e.code if isinstance(e.code, int) else 1
+            if listener is not None:
+                listener.close()
+
+        async def serve() -> None:
+            nonlocal listener
+            listener = await asyncio.start_server(connection, host, port)
+            log.info("listening on %s:%s", host, port)
+            async with listener:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener.serve_forever()
+
+        try:
+            asyncio.run(serve())
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.shutdown()
+
     # -- positions and documents ------------------------------------------------
 
     @property
@@ -304,10 +354,23 @@ class ExlspServer(LanguageServer):
         return next(iter(folders.values())).uri if folders else root_uri
 
     def workspace_root(self) -> Path | None:
-        """The first workspace folder (or the root URI) as a local directory."""
+        """The first workspace folder (or the root URI) as a local directory, resolved.
+
+        None where there is none, and where it is the file system's root or the home
+        directory itself: the index never walks those."""
         uri = self._root_uri()
         path = to_fs_path(uri) if uri else None
-        return Path(path) if path and Path(path).is_dir() else None
+        if not path or not Path(path).is_dir():
+            return None
+        root = Path(path).resolve()
+        if root == Path(root.anchor) or root == Path.home().resolve():
+            self.show_once(
+                f"exlsp: not indexing {root}: open a project folder, not the file system's"
+                " root or your home directory",
+                types.MessageType.Warning,
+            )
+            return None
+        return root
 
     def prompt_path(self, uri: str) -> str:
         """The document's path as the model and the index see it: relative to the
@@ -344,6 +407,8 @@ class ExlspServer(LanguageServer):
         service = self.service
         if service is None:
             return CompletionResult(error="model not loaded")
+        if self.secret_document(view.uri):
+            return CompletionResult()
 
         def on_partial(text: str) -> None:
             self.protocol.notify(
@@ -371,6 +436,18 @@ class ExlspServer(LanguageServer):
             self._backend_problem = None
             self.send_status("ready", "")  # carries the latency to status bars
         return result
+
+    def secret_document(self, uri: str) -> bool:
+        """The document holds a secret (by its name, its link's target or its content):
+        nothing of it goes to a model, a prompt, the index or a log. Said once."""
+        doc = self.documents.get(uri)
+        if doc is None or doc.secret is None:
+            return False
+        self.show_once(
+            f"exlsp: no suggestions in {Path(to_fs_path(uri) or uri).name}: {doc.secret}",
+            types.MessageType.Info,
+        )
+        return True
 
     # -- model lifecycle --------------------------------------------------------
 
@@ -418,10 +495,10 @@ class ExlspServer(LanguageServer):
 
     def show_once(self, message: str, kind: types.MessageType = types.MessageType.Error) -> None:
         """One popup per distinct problem, not a stream of them."""
-        log.log(logging.ERROR if kind == types.MessageType.Error else logging.WARNING, message)
         if message in self._shown:
             return
         self._shown.add(message)
+        log.log(logging.ERROR if kind == types.MessageType.Error else logging.WARNING, message)
         self.window_show_message(types.ShowMessageParams(type=kind, message=message))
 
     def send_status(self, state: str, message: str = "") -> None:

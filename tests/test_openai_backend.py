@@ -428,8 +428,8 @@ async def test_a_missing_key_names_the_variable_to_set(fake, service, monkeypatc
 
 
 async def test_the_key_comes_from_the_environment(fake, service, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("TEAM_LLM_KEY", KEY)
-    svc = await service(model_config(fake, apiKeyEnv="TEAM_LLM_KEY"))
+    monkeypatch.setenv("EXLSP_TEAM_KEY", KEY)
+    svc = await service(model_config(fake, apiKeyEnv="EXLSP_TEAM_KEY"))
     await svc.complete(req())
     assert fake.completions[0].headers["Authorization"] == f"Bearer {KEY}"
 

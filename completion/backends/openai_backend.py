@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from exlsp.completion.backends.base import BackendUnavailable, GenerationJob, ModelInfo
-from exlsp.completion.config import ModelConfig
+from exlsp.completion.config import ModelConfig, api_key_env_allowed
 from exlsp.completion.fim import TEMPLATES, FimTemplate
 from exlsp.completion.tokenizer import HfTokenizer
 
@@ -196,7 +196,9 @@ def _redact_url(url: str) -> str:
 def resolve_api_key(model: ModelConfig) -> str:
     if model.apiKey:
         return model.apiKey
-    return os.environ.get(model.apiKeyEnv, "") if model.apiKeyEnv else ""
+    if not api_key_env_allowed(model.apiKeyEnv):
+        return ""
+    return os.environ.get(model.apiKeyEnv, "")
 
 
 class _RemoteError(Exception):

@@ -74,7 +74,7 @@ def list_actions(ls: ExlspServer, params: types.CodeActionParams) -> list[types.
         return []
     uri = params.text_document.uri
     doc = ls.documents.get(uri)
-    if doc is None:
+    if doc is None or ls.secret_document(uri):
         return []
     parsed = parse(doc.lines, doc.language)
     if parsed is None:
@@ -184,6 +184,10 @@ async def compute_edit(ls: ExlspServer, data: dict[str, Any], title: str) -> typ
         raise JsonRpcException(
             "the document changed since the action was offered; ask for code actions again",
             code=types.LSPErrorCodes.ContentModified,
+        )
+    if ls.secret_document(uri):
+        raise JsonRpcException(
+            f"exlsp: {doc.secret}: not sent to a model", code=types.LSPErrorCodes.RequestFailed
         )
     assistant = assistant_for(ls.service)
     if assistant is None:

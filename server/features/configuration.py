@@ -10,8 +10,8 @@ from typing import Any
 
 from lsprotocol import types
 
-from exlsp.server.config import merge
-from exlsp.server.features.indexing import start_index, stop_index
+from exlsp.server.config import drop_user_only, merge
+from exlsp.server.features.indexing import restart_index, start_index, stop_index
 from exlsp.server.lsp import ExlspServer
 
 log = logging.getLogger(__name__)
@@ -19,12 +19,26 @@ log = logging.getLogger(__name__)
 SECTION = "exlsp"
 
 
-def apply_settings(ls: ExlspServer, settings: Any, origin: str) -> bool:
-    """Merge client settings; report problems once. True if the model section changed."""
+def apply_settings(ls: ExlspServer, settings: Any, origin: str, from_user: bool = False) -> bool:
+    """Merge client settings; report problems once. True if the model section changed.
+
+    Only settings `from_user` (initializationOptions) may choose a model, a host, a
+    credential or a path to write: what comes later may come from a repository.
+    """
     if settings is None:
         return False
     if isinstance(settings, dict) and SECTION in settings and isinstance(settings[SECTION], dict):
         settings = settings[SECTION]  # didChangeConfiguration often wraps the section
+    if not from_user:
+        settings, dropped = drop_user_only(ls.config, settings)
+        if dropped:
+            ls.show_once(
+                f"exlsp: ignored {', '.join(dropped)} from the workspace settings: a model, a host,"
+                " a credential or a path to write is taken only from your user settings"
+                " (initializationOptions or the user configuration file); restart exlsp"
+                " after changing them there",
+                types.MessageType.Warning,
+            )
     new, errors = merge(ls.config, settings)
     for error in errors:
         ls.show_once(f"exlsp: bad setting in {origin}: {error}", types.MessageType.Warning)
@@ -59,7 +73,7 @@ def register(server: ExlspServer) -> None:
     def initialize(ls: ExlspServer, params: types.InitializeParams) -> None:
         ls.event_loop = asyncio.get_running_loop()
         ls.loop_thread = threading.get_ident()
-        apply_settings(ls, params.initialization_options, "initializationOptions")
+        apply_settings(ls, params.initialization_options, "initializationOptions", from_user=True)
 
     @server.feature(types.INITIALIZED)
     async def initialized(ls: ExlspServer, params: types.InitializedParams) -> None:
@@ -86,8 +100,7 @@ def register(server: ExlspServer) -> None:
             return
         if ls.index_changed:
             log.info("index settings changed: restarting the index")
-            await start_index(ls)
-            model_changed = True  # the engine takes the new context source
+            await restart_index(ls)
         if model_changed:
             log.info("model settings changed: reloading")
             ls.start_model()

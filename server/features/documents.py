@@ -42,8 +42,12 @@ def register(server: ExlspServer) -> None:
                 )
             else:
                 doc.apply_change(None, None, change.text, ls.encoding)
+                edited = None
+                doc.check_secret()
         doc.version = params.text_document.version
-        if ls.index is not None and edited is not None:
+        if edited is not None:
+            doc.check_secret(*edited)
+        if ls.index is not None and edited is not None and doc.secret is None:
             # Recently edited code of this document is context for completions in others.
             lo, hi = max(0, edited[0] - 3), min(len(doc.lines), edited[1] + 4)
             ls.index.note_edit(doc.uri, "".join(doc.lines[lo:hi]), edited[0])

@@ -47,7 +47,7 @@ def register(server: ExlspServer) -> None:
             return None
         view = ls.document_view(params.text_document.uri, params.position)
         assistant = assistant_for(ls.service)
-        if assistant is None:
+        if assistant is None or ls.secret_document(view.uri):
             return None
         explanation = await assistant.explain(
             view.lines, view.language, view.line, view.character, config

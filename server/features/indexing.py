@@ -143,7 +143,26 @@ async def stop_index(ls: ExlspServer) -> None:
         await asyncio.to_thread(index.stop)
 
 
+async def restart_index(ls: ExlspServer) -> None:
+    """Start the index again (new settings, new root) and hand its retriever to the engine."""
+    await start_index(ls)
+    if ls.service is not None:
+        ls.service.set_context(ls.context_source)
+
+
 def register(server: ExlspServer) -> None:
+    @server.feature(types.WORKSPACE_DID_CHANGE_WORKSPACE_FOLDERS)
+    async def did_change_workspace_folders(
+        ls: ExlspServer, params: types.DidChangeWorkspaceFoldersParams
+    ) -> None:
+        # pygls has updated the folders. The index, the prompt's paths and the model's
+        # context all follow the first folder; the index moves only when that changes.
+        root = ls.workspace_root()
+        indexed = ls.index.root if ls.index is not None else None
+        if ls.initialized and root != indexed:
+            log.info("workspace folders changed: indexing %s", root or "nothing")
+            await restart_index(ls)
+
     @server.feature(types.WORKSPACE_DID_CHANGE_WATCHED_FILES)
     def did_change_watched_files(
         ls: ExlspServer, params: types.DidChangeWatchedFilesParams
