@@ -71,24 +71,37 @@ DIR_NAMES: frozenset[str] = frozenset(
 _NAME = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in FILE_PATTERNS))
 
 # Content: a private key or a credential of a well-known shape, anywhere in the text.
-_TEXT_PATTERNS: tuple[tuple[str, str], ...] = (
-    ("a private key", r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"),
-    ("an AWS access key id", r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
-    (
-        "an AWS secret access key",
-        r"(?i:aws_?secret_?(?:access_?)?key)\W{0,4}[A-Za-z0-9/+=]{40}(?![A-Za-z0-9/+=])",
-    ),
-    ("a GitHub token", r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{40,})"),
-    ("a GitLab token", r"\bglpat-[A-Za-z0-9_-]{20,}"),
-    ("a Slack token", r"\bxox[abposr]-[A-Za-z0-9-]{10,}"),
-    ("a Google API key", r"\bAIza[0-9A-Za-z_-]{35}"),
-    ("an API secret key", r"\bsk-(?:proj-|ant-[a-z0-9]{2,6}-)?[A-Za-z0-9_-]{32,}"),
-    ("a Stripe live key", r"\b[rs]k_live_[0-9A-Za-z]{24,}"),
-    ("an npm token", r"\bnpm_[A-Za-z0-9]{36}\b"),
-    ("a PyPI token", r"\bpypi-AgEIcHlwaS5vcmc[A-Za-z0-9_-]{50,}"),
-    ("a Hugging Face token", r"\bhf_[A-Za-z0-9]{34,}\b"),
+# Each shape has literal hints: the pattern runs only over text that holds one of
+# them, so a large file costs a few substring searches, not a scan per pattern.
+_TEXT_PATTERNS: tuple[tuple[str, tuple[str, ...], re.Pattern[str]], ...] = tuple(
+    (kind, hints, re.compile(pattern))
+    for kind, hints, pattern in (
+        (
+            "a private key",
+            ("PRIVATE KEY",),
+            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----",
+        ),
+        ("an AWS access key id", ("AKIA", "ASIA"), r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
+        (
+            "an AWS secret access key",
+            ("ecret", "ECRET"),
+            r"(?i:aws_?secret_?(?:access_?)?key)\W{0,4}[A-Za-z0-9/+=]{40}(?![A-Za-z0-9/+=])",
+        ),
+        (
+            "a GitHub token",
+            ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
+            r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{40,})",
+        ),
+        ("a GitLab token", ("glpat-",), r"\bglpat-[A-Za-z0-9_-]{20,}"),
+        ("a Slack token", ("xox",), r"\bxox[abposr]-[A-Za-z0-9-]{10,}"),
+        ("a Google API key", ("AIza",), r"\bAIza[0-9A-Za-z_-]{35}"),
+        ("an API secret key", ("sk-",), r"\bsk-(?:proj-|ant-[a-z0-9]{2,6}-)?[A-Za-z0-9_-]{32,}"),
+        ("a Stripe live key", ("k_live_",), r"\b[rs]k_live_[0-9A-Za-z]{24,}"),
+        ("an npm token", ("npm_",), r"\bnpm_[A-Za-z0-9]{36}\b"),
+        ("a PyPI token", ("pypi-AgEI",), r"\bpypi-AgEIcHlwaS5vcmc[A-Za-z0-9_-]{50,}"),
+        ("a Hugging Face token", ("hf_",), r"\bhf_[A-Za-z0-9]{34,}\b"),
+    )
 )
-_TEXT = re.compile("|".join(f"(?P<s{i}>{p})" for i, (_, p) in enumerate(_TEXT_PATTERNS)))
 
 
 def secret_name(path: str | os.PathLike[str]) -> bool:
@@ -116,7 +129,7 @@ def secret_path(path: str | os.PathLike[str]) -> bool:
 
 def secret_in_text(text: str) -> str | None:
     """What kind of secret the text holds ("a private key", ...), or None."""
-    match = _TEXT.search(text)
-    if match is None:
-        return None
-    return _TEXT_PATTERNS[int(str(match.lastgroup)[1:])][0]
+    for kind, hints, pattern in _TEXT_PATTERNS:
+        if any(hint in text for hint in hints) and pattern.search(text):
+            return kind
+    return None
