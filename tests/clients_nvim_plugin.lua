@@ -188,6 +188,34 @@ H.run(function()
   end
   H.check('inline mode is the plugin renderer', exlsp.inline_mode() == 'plugin', exlsp.inline_mode())
 
+  -- Highlight: visible without 'termguicolors' -------------------------------
+  vim.o.termguicolors = false
+  local function ghost_hl()
+    return vim.api.nvim_get_hl(0, { name = 'ExlspGhostText', link = false })
+  end
+  local function normal_ctermfg()
+    return vim.api.nvim_get_hl(0, { name = 'Normal', link = false }).ctermfg
+  end
+  H.check(
+    'ghost highlight has a terminal colour (default colorscheme, notermguicolors)',
+    ghost_hl().ctermfg ~= nil and ghost_hl().ctermfg ~= normal_ctermfg(),
+    vim.inspect(ghost_hl())
+  )
+  -- :colorscheme runs :hi clear, which removes the group; it comes back.
+  vim.cmd.colorscheme('default')
+  H.check('ghost highlight survives :colorscheme', ghost_hl().ctermfg ~= nil, vim.inspect(ghost_hl()))
+  -- A colorscheme that colours Comment for terminals: the ghost text is Comment.
+  vim.cmd.colorscheme('vim')
+  local comment = vim.api.nvim_get_hl(0, { name = 'Comment', link = false })
+  H.check(
+    'ghost highlight follows a colorscheme whose Comment has a terminal colour',
+    comment.ctermfg ~= nil
+      and ghost_hl().ctermfg == comment.ctermfg
+      and vim.api.nvim_get_hl(0, { name = 'ExlspGhostText' }).link == 'Comment',
+    vim.inspect({ ghost = ghost_hl(), comment = comment })
+  )
+  vim.cmd.colorscheme('default')
+
   -- Settings ---------------------------------------------------------------
   local init_json = vim.json.encode(Fake.init_params.initializationOptions)
   H.check(

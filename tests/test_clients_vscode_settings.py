@@ -105,3 +105,45 @@ def test_client_only_settings() -> None:
     for name in settings:
         assert name.startswith("exlsp."), name
         assert len(name.split(".")) == 3, f"{name}: settings are exlsp.<section>.<key>"
+
+
+# Settings that name a program, an interpreter, a model, a host, a credential
+# or a path to write: a repository's .vscode/settings.json must not set them.
+MACHINE_ONLY = {
+    f"exlsp.{key}"
+    for key in [
+        "server.command",
+        "server.args",
+        "server.python",
+        "model.path",
+        "model.backend",
+        "model.baseUrl",
+        "model.remoteModel",
+        "model.apiKey",
+        "model.apiKeyEnv",
+        "model.caFile",
+        "model.verifyTls",
+        "index.databaseDir",
+        "index.sharedIndex",
+        "index.storageEndpoint",
+        "index.storageRegion",
+        "index.storageAccessKeyId",
+        "index.storageSecretAccessKey",
+        "index.embeddingModel",
+        "logging.file",
+    ]
+}
+
+
+def test_workspace_cannot_choose_program_model_host_credential_or_path() -> None:
+    # VS Code ignores workspace values of machine-scoped settings (the
+    # extension's node tests check it reads them from the user level only).
+    settings = _contributed()
+    machine = {name for name, schema in settings.items() if schema.get("scope") == "machine"}
+    assert machine == MACHINE_ONLY
+    package = json.loads(PACKAGE_JSON.read_text(encoding="utf-8"))
+    untrusted = package["capabilities"]["untrustedWorkspaces"]
+    assert untrusted["supported"] == "limited"
+    assert untrusted["description"]
+    assert set(untrusted["restrictedConfigurations"]) == MACHINE_ONLY
+    assert len(untrusted["restrictedConfigurations"]) == len(MACHINE_ONLY)

@@ -10,8 +10,9 @@
 ;; Registers the exlsp language server with lsp-mode as an add-on client, so
 ;; it runs beside each buffer's usual server, and turns on
 ;; `lsp-inline-completion-mode' (lsp-mode 10) in the buffers it serves: the
-;; suggestion is drawn as an overlay after point, C-<return> accepts it,
-;; C-n / C-p cycle, C-g cancels.  With lsp-mode 9, which has the
+;; suggestion is drawn as an overlay after point, C-<return> (graphical
+;; Emacs) or M-RET (also in a terminal) accepts it, C-n / C-p cycle, C-g
+;; cancels.  With lsp-mode 9, which has the
 ;; overlay but not the minor mode, an idle timer asks for suggestions instead.
 ;; Without either, exlsp still offers completion items (company / corfu).
 ;;
@@ -59,6 +60,17 @@ The server is started as PYTHON -m exlsp.server serve."
 (defcustom exlsp-inline-completion t
   "Show suggestions as ghost text (inline completion) in exlsp buffers."
   :type 'boolean)
+
+(defcustom exlsp-accept-keys '("M-RET" "M-<return>")
+  "Extra keys that accept the shown suggestion (lsp-mode 10).
+lsp-mode's own `C-<return>' works in a graphical Emacs only: a terminal
+sends the same byte for C-<return> as for RET.  Meta+Enter arrives in a
+terminal (also under tmux and screen) as ESC RET, which is `M-RET'; a
+graphical Emacs reports it as `M-<return>'.  Each key is bound in
+`lsp-inline-completion-active-map', the keymap active while a suggestion
+shows, so it does nothing else meanwhile and keeps its usual meaning
+otherwise.  Set before lsp-inline-completion is loaded."
+  :type '(repeat string))
 
 (defcustom exlsp-idle-delay 0.3
   "Idle seconds after a change before asking for a suggestion."
@@ -243,7 +255,17 @@ exlsp.model.maxSeqLen -> `exlsp-model-max-seq-len'."
 (declare-function lsp-inline-completion-display "lsp-inline-completion" (&optional implicit))
 (declare-function lsp-inline-completion--overlay-visible "lsp-inline-completion" ())
 (declare-function lsp-inline-completion-mode "lsp-inline-completion" (&optional arg))
+(declare-function lsp-inline-completion-accept "lsp-inline-completion" ())
 (defvar lsp-inline-completion-idle-delay)
+(defvar lsp-inline-completion-active-map)
+
+(defun exlsp--bind-accept-keys ()
+  "Bind `exlsp-accept-keys' in the keymap active while a suggestion shows."
+  (dolist (key exlsp-accept-keys)
+    (define-key lsp-inline-completion-active-map (kbd key) #'lsp-inline-completion-accept)))
+
+(with-eval-after-load 'lsp-inline-completion
+  (exlsp--bind-accept-keys))
 
 (defvar-local exlsp--idle-timer nil)
 

@@ -8,8 +8,9 @@
 # sources only: clients/scripts/debian-sid.sh), unless EXLSP_LOAD_PATH
 # already names lisp folders holding lsp-mode. Checks that the exlsp client
 # starts, reports ready, enables lsp-inline-completion-mode; that typing
-# makes the mode show a suggestion as an overlay; that C-<return> inserts the
-# text and the saved file holds it; that C-g hides the next one.
+# makes the mode show a suggestion as an overlay; that ESC RET (M-RET, as a
+# terminal sends it) inserts the text and the saved file holds it; that
+# C-<return> and M-<return> are bound too; that C-g hides the next one.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

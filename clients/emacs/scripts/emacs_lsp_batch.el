@@ -118,10 +118,16 @@
     shown))
 
 (defun exlsp-test-key (key)
-  "Run what KEY does while a suggestion shows."
-  (let ((command (lookup-key lsp-inline-completion-active-map (kbd key))))
-    (setq this-command command)
-    (call-interactively command)
+  "Run what KEY does while a suggestion shows; return the command.
+KEY is a `kbd' string, or a vector of the events a terminal sends, looked
+up in the keymaps active now (lsp-mode pushes its active map while the
+overlay shows)."
+  (let ((command (if (stringp key)
+                     (lookup-key lsp-inline-completion-active-map (kbd key))
+                   (key-binding key t))))
+    (when (commandp command)
+      (setq this-command command)
+      (call-interactively command))
     command))
 
 (goto-char (point-max))
@@ -139,8 +145,17 @@
                         (string-suffix-p (substring-no-properties text)
                                          (substring-no-properties shown))
                         shown)
+      ;; C-<return> reaches a graphical Emacs only; a terminal (and tmux)
+      ;; sends ESC RET for Meta+Enter, a graphical Emacs M-<return>.
       (exlsp-test-check "C-<return> is lsp-inline-completion-accept"
-                        (eq (exlsp-test-key "C-<return>") 'lsp-inline-completion-accept))
+                        (eq (lookup-key lsp-inline-completion-active-map (kbd "C-<return>"))
+                            'lsp-inline-completion-accept))
+      (exlsp-test-check "M-<return> (graphical Emacs) is lsp-inline-completion-accept"
+                        (eq (key-binding (kbd "M-<return>") t) 'lsp-inline-completion-accept)
+                        (key-binding (kbd "M-<return>") t))
+      (let ((command (exlsp-test-key [27 13])))
+        (exlsp-test-check "ESC RET (M-RET from a terminal) runs lsp-inline-completion-accept"
+                          (eq command 'lsp-inline-completion-accept) command))
       (let ((expected (concat (substring before 0 (1- start)) text
                               (substring before (1- start)))))
         (exlsp-test-check "accept inserts it at point"

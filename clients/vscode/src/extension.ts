@@ -9,9 +9,15 @@ import {
 
 import {
   answerConfiguration,
-  buildWireConfig,
   enabledSettingTarget,
-  resolveServerLaunch,
+  IgnoredSettingsNotice,
+  ignoredWorkspaceKeys,
+  initializationOptions,
+  machineFingerprint,
+  machineSettingKeys,
+  type SettingInspector,
+  userServerLaunch,
+  workspaceWireConfig,
   type ServerProcess,
   type ServerStatus,
   statusBarView,
@@ -30,10 +36,36 @@ let outputChannel: vscode.LogOutputChannel;
 let lastStatus: ServerStatus | undefined;
 let running = new Map<string, ActiveProgress>();
 let wireKeys: string[] = [];
+let machineKeys: string[] = [];
+// The machine-scoped values the running server was started with.
+let startedWith: string | undefined;
+const ignoredNotice = new IgnoredSettingsNotice();
 
+function inspector(scope?: vscode.Uri): SettingInspector {
+  const settings = vscode.workspace.getConfiguration(SECTION, scope);
+  return (key) => settings.inspect(key);
+}
+
+/** The tree for `workspace/configuration` and `didChangeConfiguration`. */
 function wireConfig(scope?: vscode.Uri): WireConfig {
   const settings = vscode.workspace.getConfiguration(SECTION, scope);
-  return buildWireConfig(wireKeys, (key) => settings.get(key));
+  return workspaceWireConfig(wireKeys, machineKeys, (key) => settings.get(key));
+}
+
+/** The whole tree, machine-scoped keys from the user level only. */
+function initialConfig(): WireConfig {
+  const settings = vscode.workspace.getConfiguration(SECTION);
+  return initializationOptions(wireKeys, machineKeys, (key) => settings.get(key), inspector());
+}
+
+/** Tells the user once which workspace values of machine-scoped settings are ignored. */
+function reportIgnoredWorkspaceSettings(): void {
+  const scopes = [inspector(), ...(vscode.workspace.workspaceFolders ?? []).map((f) => inspector(f.uri))];
+  const message = ignoredNotice.message(ignoredWorkspaceKeys(machineKeys, scopes));
+  if (message) {
+    outputChannel.warn(message);
+    void vscode.window.showInformationMessage(message);
+  }
 }
 
 function completionsEnabled(): boolean {
@@ -53,19 +85,15 @@ function refreshStatusBar(): void {
 }
 
 function createClient(): LanguageClient {
-  const settings = vscode.workspace.getConfiguration(SECTION);
-  const launch = resolveServerLaunch({
-    command: settings.get<string>("server.command"),
-    args: settings.get<string[]>("server.args"),
-    python: settings.get<string>("server.python"),
-  });
+  // A repository never chooses the program: only user-level values count.
+  const launch = userServerLaunch(inspector());
   outputChannel.info(`starting server: ${launch.command} ${launch.args.join(" ")}`);
   const serverOptions: ServerOptions = { command: launch.command, args: launch.args };
   const clientOptions: LanguageClientOptions = {
     // Completions are useful in any file the user edits, whatever its language.
     documentSelector: [{ scheme: "file" }, { scheme: "untitled" }],
     outputChannel,
-    initializationOptions: () => wireConfig(),
+    initializationOptions: () => initialConfig(),
     middleware: {
       // Every $/progress value passes here on its way to VS Code's own
       // progress UI: the status bar item shows indexing as it goes.
@@ -109,6 +137,7 @@ function createClient(): LanguageClient {
 
 async function startClient(): Promise<void> {
   lastStatus = undefined;
+  startedWith = machineFingerprint(machineKeys, inspector());
   client = createClient();
   refreshStatusBar();
   try {
@@ -184,6 +213,7 @@ async function showMenu(): Promise<void> {
 
 export async function activate(context: vscode.ExtensionContext): Promise<void> {
   wireKeys = wireSettingKeys(context.extension.packageJSON);
+  machineKeys = machineSettingKeys(context.extension.packageJSON);
   outputChannel = vscode.window.createOutputChannel("exlsp", { log: true });
   statusItem = vscode.window.createStatusBarItem("exlsp.status", vscode.StatusBarAlignment.Right, 100);
   statusItem.name = "exlsp";
@@ -205,12 +235,11 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
         return;
       }
       refreshStatusBar();
-      if (event.affectsConfiguration(`${SECTION}.server`)) {
-        const choice = await vscode.window.showInformationMessage(
-          "exlsp: the server settings changed. Restart the server now?",
-          "Restart",
-        );
-        if (choice === "Restart") await restartServer();
+      reportIgnoredWorkspaceSettings();
+      // The server takes the machine-scoped settings only at start.
+      if (client && machineFingerprint(machineKeys, inspector()) !== startedWith) {
+        outputChannel.info("a server or model setting changed: restarting the server");
+        await restartServer();
         return;
       }
       if (client?.state === State.Running) {
@@ -220,6 +249,7 @@ export async function activate(context: vscode.ExtensionContext): Promise<void> 
       }
     }),
   );
+  reportIgnoredWorkspaceSettings();
   await startClient();
 }
 

@@ -258,3 +258,134 @@ export function enabledSettingTarget(inspected: {
   if (inspected.workspaceValue !== undefined) return "workspace";
   return "global";
 }
+
+/**
+ * The settings a repository must never choose: those that name a program, an
+ * interpreter, a model, a host, a credential or a path to write. package.json
+ * declares them `"scope": "machine"` (VS Code ignores their workspace values)
+ * and lists them in `capabilities.untrustedWorkspaces.restrictedConfigurations`.
+ * Returned as keys below `exlsp.` (`"server.command"`, `"model.path"`, ...).
+ */
+export function machineSettingKeys(packageJson: unknown): string[] {
+  const properties = (packageJson as {
+    contributes?: { configuration?: { properties?: Record<string, { scope?: string }> } };
+  })?.contributes?.configuration?.properties;
+  if (!properties) {
+    return [];
+  }
+  return Object.entries(properties)
+    .filter(([name, schema]) => name.startsWith(PREFIX) && schema?.scope === "machine")
+    .map(([name]) => name.slice(PREFIX.length));
+}
+
+/** What `WorkspaceConfiguration.inspect(key)` reports (the levels read here). */
+export interface InspectedSetting {
+  defaultValue?: unknown;
+  /** User settings; in a remote window, merged with the remote machine's settings. */
+  globalValue?: unknown;
+  workspaceValue?: unknown;
+  workspaceFolderValue?: unknown;
+}
+
+/** Inspects one setting below `exlsp.`; undefined when unknown. */
+export type SettingInspector = (key: string) => InspectedSetting | undefined;
+
+/** The user-level value of a setting: user (or remote machine) settings, else the default. */
+export function userLevelValue(inspected: InspectedSetting | undefined): unknown {
+  if (!inspected) return undefined;
+  return inspected.globalValue !== undefined ? inspected.globalValue : inspected.defaultValue;
+}
+
+/**
+ * The machine-scoped keys that a workspace or workspace folder tries to set;
+ * these values are ignored. `inspectors` holds one inspector per scope looked
+ * at (the window, each workspace folder). Sorted, each key once.
+ */
+export function ignoredWorkspaceKeys(
+  machineKeys: readonly string[],
+  inspectors: readonly SettingInspector[],
+): string[] {
+  const ignored = new Set<string>();
+  for (const inspect of inspectors) {
+    for (const key of machineKeys) {
+      const inspected = inspect(key);
+      if (inspected?.workspaceValue !== undefined || inspected?.workspaceFolderValue !== undefined) {
+        ignored.add(key);
+      }
+    }
+  }
+  return [...ignored].sort();
+}
+
+/** The server launch from the user-level `server.*` settings only. */
+export function userServerLaunch(inspect: SettingInspector): ServerLaunch {
+  return resolveServerLaunch({
+    command: userLevelValue(inspect("server.command")) as string | undefined,
+    args: userLevelValue(inspect("server.args")) as string[] | undefined,
+    python: userLevelValue(inspect("server.python")) as string | undefined,
+  });
+}
+
+/**
+ * `initializationOptions`: the whole tree; the machine-scoped keys from the
+ * user level only (`inspect`), the others as VS Code resolves them (`read`).
+ * The server accepts the machine-scoped keys only from here.
+ */
+export function initializationOptions(
+  wireKeys: readonly string[],
+  machineKeys: readonly string[],
+  read: SettingReader,
+  inspect: SettingInspector,
+): WireConfig {
+  const machine = new Set(machineKeys);
+  return buildWireConfig(wireKeys, (key) => (machine.has(key) ? userLevelValue(inspect(key)) : read(key)));
+}
+
+/**
+ * The tree for `workspace/configuration` and `didChangeConfiguration`: every
+ * key but the machine-scoped ones, which the server takes only from
+ * `initializationOptions` (a change to them restarts the server).
+ */
+export function workspaceWireConfig(
+  wireKeys: readonly string[],
+  machineKeys: readonly string[],
+  read: SettingReader,
+): WireConfig {
+  const machine = new Set(machineKeys);
+  return buildWireConfig(
+    wireKeys.filter((key) => !machine.has(key)),
+    read,
+  );
+}
+
+/**
+ * What the server was started with, as one comparable string: the launch and
+ * the user-level machine-scoped values. A change means a restart.
+ */
+export function machineFingerprint(machineKeys: readonly string[], inspect: SettingInspector): string {
+  return JSON.stringify([
+    userServerLaunch(inspect),
+    machineKeys.map((key) => [key, userLevelValue(inspect(key)) ?? null]),
+  ]);
+}
+
+/**
+ * Tells the user once about workspace values that are ignored: `message`
+ * returns the text for the keys not told before, or undefined.
+ */
+export class IgnoredSettingsNotice {
+  private readonly told = new Set<string>();
+
+  message(ignored: readonly string[]): string | undefined {
+    const fresh = ignored.filter((key) => !this.told.has(key));
+    if (fresh.length === 0) {
+      return undefined;
+    }
+    for (const key of fresh) this.told.add(key);
+    const names = fresh.map((key) => `${PREFIX}${key}`).join(", ");
+    return (
+      `exlsp: ignoring the workspace's value of ${names}. These settings choose a program, ` +
+      "a model, a host, a credential or a path, so exlsp reads them only from your user (or remote) settings."
+    );
+  }
+}

@@ -27,7 +27,7 @@ local function check_command(cmd)
   local exe = cmd[1]
   if vim.fn.executable(exe) == 0 then
     health.error(('server command not found: %s'):format(exe), {
-      'Install exlsp (pip install exlsp) into a Python environment',
+      'Install exlsp from a clone: python3 -m venv .venv && .venv/bin/pip install -e /path/to/exlsp',
       "or pass setup{ python = '/path/to/venv/bin/python' } or setup{ cmd = {...} }",
     })
     return

@@ -301,6 +301,30 @@ local function show_stats()
   end)
 end
 
+-- Grey for terminals without 'termguicolors': colour 8 ("bright black") of
+-- the 16-colour palette, which 8-, 16- and 256-colour terminals all have.
+M.GHOST_CTERM_FG = 8
+
+--- `ExlspGhostText`: `Comment` when the colorscheme gives `Comment` a
+--- terminal colour; else `Comment`'s GUI colour plus a grey `ctermfg`. (The
+--- default colorscheme colours `Comment` for the GUI only, so without
+--- 'termguicolors' a plain link would draw the ghost text like typed text.)
+--- `default`: a group the user defined is kept. Run again on `ColorScheme`,
+--- whose `:hi clear` removes it.
+function M.define_highlights()
+  local comment = vim.api.nvim_get_hl(0, { name = 'Comment', link = false })
+  if comment.ctermfg then
+    vim.api.nvim_set_hl(0, 'ExlspGhostText', { link = 'Comment', default = true })
+  else
+    vim.api.nvim_set_hl(0, 'ExlspGhostText', {
+      fg = comment.fg,
+      ctermfg = M.GHOST_CTERM_FG,
+      italic = comment.italic,
+      default = true,
+    })
+  end
+end
+
 local function create_commands()
   local cmds = {
     ExlspRestart = { M.restart, 'Restart the exlsp server' },
@@ -336,7 +360,8 @@ function M.setup(opts)
   M.setup_done = true
   create_commands()
   vim.api.nvim_clear_autocmds({ group = augroup })
-  vim.api.nvim_set_hl(0, 'ExlspGhostText', { link = 'Comment', default = true })
+  M.define_highlights()
+  vim.api.nvim_create_autocmd('ColorScheme', { group = augroup, callback = M.define_highlights })
 
   if vim.lsp.config and vim.lsp.enable then
     vim.lsp.config(M.name, M.client_config())

@@ -7,16 +7,24 @@ import {
   answerConfiguration,
   buildWireConfig,
   enabledSettingTarget,
+  IgnoredSettingsNotice,
+  ignoredWorkspaceKeys,
+  initializationOptions,
+  type InspectedSetting,
+  machineFingerprint,
+  machineSettingKeys,
   resolveServerLaunch,
   statusBarView,
   trackProgress,
   type ActiveProgress,
+  userServerLaunch,
   wireSettingKeys,
+  workspaceWireConfig,
 } from "../settings";
 
 // out/test/settings.test.js -> clients/vscode/package.json
 const packageJson = JSON.parse(readFileSync(join(__dirname, "..", "..", "package.json"), "utf8"));
-const properties: Record<string, { default: unknown }> =
+const properties: Record<string, { default: unknown; scope?: string }> =
   packageJson.contributes.configuration.properties;
 
 /** What VS Code's getConfiguration("exlsp").get(key) returns: user value or default. */
@@ -217,4 +225,160 @@ test("enable/disable writes the most specific scope that is set", () => {
   assert.equal(enabledSettingTarget({}), "global");
   assert.equal(enabledSettingTarget({ workspaceValue: false }), "workspace");
   assert.equal(enabledSettingTarget({ workspaceValue: false, workspaceFolderValue: true }), "workspaceFolder");
+});
+
+// Settings that name a program, an interpreter, a model, a host, a credential
+// or a path to write: a repository's .vscode/settings.json must not set them.
+const MACHINE_ONLY = [
+  "server.command",
+  "server.args",
+  "server.python",
+  "model.path",
+  "model.backend",
+  "model.baseUrl",
+  "model.remoteModel",
+  "model.apiKey",
+  "model.apiKeyEnv",
+  "model.caFile",
+  "model.verifyTls",
+  "index.databaseDir",
+  "index.sharedIndex",
+  "index.storageEndpoint",
+  "index.storageRegion",
+  "index.storageAccessKeyId",
+  "index.storageSecretAccessKey",
+  "index.embeddingModel",
+  "logging.file",
+];
+
+/** A value of the right JSON type for `key`, marked with where it came from. */
+function valueFrom(level: string, key: string): unknown {
+  const fallback = properties[`exlsp.${key}`].default;
+  if (Array.isArray(fallback)) return [`${level}-${key}`];
+  if (typeof fallback === "boolean") return level === "user" ? true : false;
+  return `${level}-${key}`;
+}
+
+/**
+ * A VS Code that would hand out every level: `inspect` reports them all and
+ * `get` resolves folder > workspace > user > default, as it does for the
+ * other settings. The extension must not rely on VS Code dropping them.
+ */
+function levels(values: Record<string, InspectedSetting>) {
+  const inspect = (key: string): InspectedSetting | undefined => {
+    const schema = properties[`exlsp.${key}`];
+    return schema ? { defaultValue: schema.default, ...values[key] } : undefined;
+  };
+  const read = (key: string): unknown => {
+    const i = inspect(key);
+    if (!i) return undefined;
+    for (const v of [i.workspaceFolderValue, i.workspaceValue, i.globalValue]) {
+      if (v !== undefined) return v;
+    }
+    return i.defaultValue;
+  };
+  return { inspect, read };
+}
+
+function hostileWorkspace(withUser: boolean): Record<string, InspectedSetting> {
+  const values: Record<string, InspectedSetting> = {};
+  for (const key of MACHINE_ONLY) {
+    values[key] = {
+      workspaceValue: valueFrom("workspace", key),
+      workspaceFolderValue: valueFrom("folder", key),
+      ...(withUser ? { globalValue: valueFrom("user", key) } : {}),
+    };
+  }
+  return values;
+}
+
+test("settings that choose a program, model, host, credential or path are machine-scoped", () => {
+  for (const key of MACHINE_ONLY) {
+    assert.equal(properties[`exlsp.${key}`]?.scope, "machine", key);
+  }
+  assert.deepEqual(machineSettingKeys(packageJson).sort(), [...MACHINE_ONLY].sort());
+  const untrusted = packageJson.capabilities?.untrustedWorkspaces;
+  assert.equal(untrusted?.supported, "limited");
+  assert.ok(typeof untrusted?.description === "string" && untrusted.description.length > 0);
+  assert.deepEqual(
+    [...(untrusted?.restrictedConfigurations ?? [])].sort(),
+    MACHINE_ONLY.map((key) => `exlsp.${key}`).sort(),
+  );
+});
+
+test("a workspace value of a machine-scoped setting is ignored, a user value works", () => {
+  const machineKeys = machineSettingKeys(packageJson);
+  const wireKeys = wireSettingKeys(packageJson);
+  const { inspect, read } = levels(hostileWorkspace(true));
+
+  // The program started is the user's.
+  assert.deepEqual(userServerLaunch(inspect), {
+    command: "user-server.command",
+    args: ["user-server.args"],
+  });
+  // initializationOptions carry the user's values of every machine-scoped key.
+  const init = initializationOptions(wireKeys, machineKeys, read, inspect);
+  for (const key of MACHINE_ONLY.filter((k) => !k.startsWith("server."))) {
+    const [section, leaf] = key.split(".");
+    assert.deepEqual(init[section][leaf], valueFrom("user", key), key);
+  }
+  // Other settings keep VS Code's resolution (a workspace may set them).
+  const other = levels({ "completion.maxTokens": { workspaceValue: 7, globalValue: 9 } });
+  assert.equal(initializationOptions(wireKeys, machineKeys, other.read, other.inspect).completion.maxTokens, 7);
+  // workspace/configuration and didChangeConfiguration never carry them.
+  const later = workspaceWireConfig(wireKeys, machineKeys, read);
+  for (const key of MACHINE_ONLY) {
+    const [section, leaf] = key.split(".");
+    assert.equal(later[section]?.[leaf], undefined, key);
+  }
+  assert.equal(later.completion.maxTokens, 128);
+
+  // Without user values: the defaults, never the workspace's.
+  const bare = levels(hostileWorkspace(false));
+  assert.deepEqual(userServerLaunch(bare.inspect), { command: "exlsp", args: ["serve"] });
+  const defaults = initializationOptions(wireKeys, machineKeys, bare.read, bare.inspect);
+  assert.equal(defaults.model.path, "");
+  assert.equal(defaults.model.backend, "transformers");
+  assert.equal(defaults.model.verifyTls, true);
+  assert.equal(defaults.logging.file, "");
+  assert.equal(defaults.index.databaseDir, "");
+});
+
+test("ignored workspace values are reported once, in one message", () => {
+  const machineKeys = machineSettingKeys(packageJson);
+  const window = levels(hostileWorkspace(true)).inspect;
+  const folder = levels({ "model.path": { workspaceFolderValue: "/repo/model" } }).inspect;
+  const ignored = ignoredWorkspaceKeys(machineKeys, [window, folder]);
+  assert.deepEqual(ignored, [...MACHINE_ONLY].sort());
+  // User-level values alone are not reported.
+  const userOnly = levels({ "model.path": { globalValue: "/m" } }).inspect;
+  assert.deepEqual(ignoredWorkspaceKeys(machineKeys, [userOnly]), []);
+
+  const notice = new IgnoredSettingsNotice();
+  const message = notice.message(ignored);
+  assert.ok(message);
+  for (const key of MACHINE_ONLY) {
+    assert.ok(message.includes(`exlsp.${key}`), key);
+  }
+  assert.equal(notice.message(ignored), undefined);
+  assert.equal(notice.message([]), undefined);
+  // A key the workspace sets later is told, alone.
+  const more = notice.message([...ignored, "model.extra"]);
+  assert.ok(more?.includes("exlsp.model.extra"));
+  assert.ok(!more?.includes("exlsp.model.path"));
+});
+
+test("a changed user value of a machine-scoped setting restarts; a workspace value does not", () => {
+  const machineKeys = machineSettingKeys(packageJson);
+  const before = machineFingerprint(machineKeys, levels({}).inspect);
+  assert.equal(machineFingerprint(machineKeys, levels({}).inspect), before);
+  assert.equal(machineFingerprint(machineKeys, levels(hostileWorkspace(false)).inspect), before);
+  assert.notEqual(
+    machineFingerprint(machineKeys, levels({ "model.path": { globalValue: "/other" } }).inspect),
+    before,
+  );
+  assert.notEqual(
+    machineFingerprint(machineKeys, levels({ "server.python": { globalValue: "/venv/bin/python" } }).inspect),
+    before,
+  );
 });
