@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from exlsp.completion.config import CompletionConfig, ModelConfig
+from exlsp.server.config import USER_ONLY
 
 PACKAGE_JSON = Path(__file__).resolve().parents[1] / "clients" / "vscode" / "package.json"
 CLIENT_ONLY_PREFIXES = ("exlsp.server.", "exlsp.trace.")
@@ -109,29 +110,11 @@ def test_client_only_settings() -> None:
 
 # Settings that name a program, an interpreter, a model, a host, a credential
 # or a path to write: a repository's .vscode/settings.json must not set them.
-MACHINE_ONLY = {
-    f"exlsp.{key}"
-    for key in [
-        "server.command",
-        "server.args",
-        "server.python",
-        "model.path",
-        "model.backend",
-        "model.baseUrl",
-        "model.remoteModel",
-        "model.apiKey",
-        "model.apiKeyEnv",
-        "model.caFile",
-        "model.verifyTls",
-        "index.databaseDir",
-        "index.sharedIndex",
-        "index.storageEndpoint",
-        "index.storageRegion",
-        "index.storageAccessKeyId",
-        "index.storageSecretAccessKey",
-        "index.embeddingModel",
-        "logging.file",
-    ]
+# The server's own list of the settings only the user chooses, plus the program to start.
+MACHINE_ONLY = {f"exlsp.{section}.{key}" for section, key in USER_ONLY} | {
+    "exlsp.server.command",
+    "exlsp.server.args",
+    "exlsp.server.python",
 }
 
 
