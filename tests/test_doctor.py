@@ -18,7 +18,9 @@ NO_GPU = not torch.cuda.is_available()
 def doctor(model: ModelConfig, **kw: bool) -> tuple[int, list[str]]:
     out = io.StringIO()
     rc = run_doctor(model, out, **kw)
-    return rc, out.getvalue().rstrip("\n").splitlines()
+    lines = out.getvalue().rstrip("\n").splitlines()
+    assert lines[-1].startswith("next: "), lines[-1]
+    return rc, lines[:-1]
 
 
 def rows(lines: list[str]) -> dict[str, str]:
