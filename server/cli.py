@@ -347,6 +347,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     sources = dict.fromkeys(_leaves(to_wire(config)), "default")
     for origin, data in config_layers(args.config):
         config, errors = merge(config, data)
+        for e in errors:
+            print(f"exlsp: {origin}: {e}", file=sys.stderr)
         bad = {e.split(":", 1)[0] for e in errors}
         for path in _leaves(data):
             if path in sources and path not in bad:
