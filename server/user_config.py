@@ -70,10 +70,10 @@ def write_user_settings(updates: dict[str, Any]) -> Path:
     path = user_config_path()
     data = deep_merge(read_user_config(), updates)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # mkstemp creates the file with mode 0600: it may hold an API key.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config-", suffix=".json")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o600)
             json.dump(data, f, indent=2)
             f.write("\n")
             f.flush()
