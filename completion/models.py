@@ -7,7 +7,9 @@ GPU; only `available_memory` looks at the machine (torch is imported there, late
 An estimate is
 
     weights  = parameters × bpw / 8  +  vocab × hidden × (head bits − bpw) / 8
-    KV cache = layers × 2 × KV heads × head dim × bytes per element × maxSeqLen
+    KV cache = layers × 2 × KV heads × head dim × bytes per value × maxSeqLen
+               (fp16 2 bytes; q8, q6, q4 1, 0.75, 0.5 + an fp16 scale per 32 values,
+               and exllamav2's fp16 scratch K/V of one layer; see `kv_cache_bytes`)
     total    = weights + KV cache × (1 + second cache) + WORKING_BYTES
 
 where the second cache is the one hover and code actions get (README: "Use a
@@ -33,16 +35,9 @@ HEADROOM = 0.10
 # Below this many bits per weight a model is recommended only when nothing better fits.
 MIN_GOOD_BPW = 4.0
 
-# Bytes per cached element. exllamav2's quantized caches keep one fp16 scale per
-# 32 values, 2/32 = 1/16 byte more per element.
-_SCALE = 2 / 32
-CACHE_BYTES: dict[str, float] = {
-    "fp16": 2.0,
-    "q8": 1.0 + _SCALE,
-    "q6": 0.75 + _SCALE,
-    "q4": 0.5 + _SCALE,
-    "fp32": 4.0,  # the transformers backend on a CPU
-}
+# Caches the backends keep: exllamav2's four types; the transformers backend's
+# unquantized cache (fp16 on a GPU, fp32 on a CPU).
+CACHE_TYPES = ("fp16", "q8", "q6", "q4", "fp32")
 
 
 @dataclass(frozen=True)
@@ -72,8 +67,23 @@ class CatalogueModel:
     sources: tuple[str, ...]
     unverified: tuple[str, ...] = ()
 
-    def kv_bytes_per_token(self, cache_type: str) -> float:
-        return self.layers * 2 * self.kv_heads * self.head_dim * CACHE_BYTES[cache_type]
+    def config(self) -> dict[str, Any]:
+        """The config.json fields the KV sizing reads."""
+        return {
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.attention_heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_size": self.hidden_size,
+        }
+
+    def kv_cache_bytes(self, tokens: int, cache_type: str) -> int:
+        # One formula for the catalogue and the exllamav2 backend's own out-of-memory report.
+        from exlsp.completion.backends.exllamav2_backend import kv_cache_bytes
+
+        if cache_type == "fp32":
+            return 2 * kv_cache_bytes(self.config(), tokens, "fp16")
+        return kv_cache_bytes(self.config(), tokens, cache_type)
 
     @property
     def head_parameters(self) -> int:
@@ -195,11 +205,11 @@ def estimate(
     weights = (
         m.parameters * variant.bpw / 8 + m.head_parameters * (variant.head_bits - variant.bpw) / 8
     )
-    kv = m.kv_bytes_per_token(cache_type) * min(max_seq_len, m.context)
+    kv = m.kv_cache_bytes(min(max_seq_len, m.context), cache_type)
     return Estimate(
         weights=round(weights),
-        kv_cache=round(kv),
-        second_cache=round(kv) if second_cache else 0,
+        kv_cache=kv,
+        second_cache=kv if second_cache else 0,
         working=working,
     )
 
