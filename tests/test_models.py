@@ -121,6 +121,9 @@ def test_cache_types_and_the_second_cache() -> None:
     # (4 KV heads × 128 × 8192 tokens × 2 × 2 bytes = 16,777,216).
     assert q4.kv_cache == round(335_544_320 * (0.5 + 2 / 32)) + 16_777_216
     assert fp16.second_cache == fp16.kv_cache
+    # The transformers backend on a CPU keeps float32 K and V.
+    fp32 = models.estimate(v, max_seq_len=8192, cache_type="fp32")
+    assert fp32.kv_cache == 2 * fp16.kv_cache
     # The cache never outgrows the model's context (16,384 for StarCoder2).
     long = models.estimate(v, max_seq_len=65536, cache_type="fp16", second_cache=False)
     assert long.kv_cache == 335_544_320 * 2 * 2
