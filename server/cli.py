@@ -61,13 +61,27 @@ def setup_logging(level: str, file: str | None) -> None:
     root.addHandler(handler)
 
 
-def load_config(path: str | None) -> Config:
-    config = Config()
+def config_layers(path: str | None) -> list[tuple[str, dict[str, Any]]]:
+    """The settings below the defaults, lowest first: the user file, then `--config`."""
+    from exlsp.server.user_config import UserConfigError, read_user_config, user_config_path
+
+    layers: list[tuple[str, dict[str, Any]]] = []
+    try:
+        layers.append((f"user file {user_config_path()}", read_user_config()))
+    except UserConfigError as e:
+        print(f"exlsp: the user configuration file is ignored: {e}", file=sys.stderr)
     if path:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        layers.append((f"--config {path}", json.loads(Path(path).read_text(encoding="utf-8"))))
+    return layers
+
+
+def load_config(path: str | None) -> Config:
+    """Defaults < the user configuration file < the `--config` file."""
+    config = Config()
+    for origin, data in config_layers(path):
         config, errors = merge(config, data)
         for e in errors:
-            print(f"exlsp: {path}: {e}", file=sys.stderr)
+            print(f"exlsp: {origin}: {e}", file=sys.stderr)
     return config
 
 
@@ -209,6 +223,178 @@ def cmd_search(args: argparse.Namespace) -> int:
     return run_search(Path(args.path), args.query, load_config(args.config).index, args.limit)
 
 
+# -- models, pull, config -----------------------------------------------------------
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from exlsp.completion import models
+
+    config = load_config(args.config)
+    if args.free_gib is not None:
+        free, where = int(args.free_gib * 2**30), "given (--free-gib)"
+        cpu = args.backend == "transformers" and args.cpu
+    else:
+        free, where = models.available_memory(config.model.device)
+        cpu = where == "RAM"
+    backend = args.backend or ("transformers" if cpu else "exllamav2")
+    max_seq_len = args.max_seq_len or config.model.maxSeqLen
+    cache_type = args.cache_type or config.model.cacheType
+    fits = models.size_all(
+        free,
+        backend,
+        max_seq_len=max_seq_len,
+        cache_type=cache_type,
+        second_cache=not args.no_second_cache,
+        cpu=cpu,
+    )
+    best = models.recommend(fits)
+    by_name: dict[str, list[models.Fit]] = {}
+    for f in fits:
+        by_name.setdefault(f.variant.model.name, []).append(f)
+    if args.json:
+        out = {
+            "free": free,
+            "where": where,
+            "backend": backend,
+            "maxSeqLen": max_seq_len,
+            "cacheType": cache_type,
+            "models": [
+                {
+                    **dataclasses.asdict(m),
+                    "variants": [
+                        {
+                            "backend": f.variant.backend,
+                            "repo": f.variant.repo,
+                            "revision": f.variant.revision,
+                            "bpw": f.variant.bpw,
+                            "bytes": f.estimate.total,
+                            "fits": f.fits,
+                        }
+                        for f in by_name.get(m.name, [])
+                    ],
+                }
+                for m in models.catalogue()
+            ],
+            "recommended": _pull_command(best) if best else None,
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    spare = int(models.HEADROOM * 100)
+    print(
+        f"{backend} backend; {_gib(free)} free ({where}); maxSeqLen {max_seq_len}, "
+        f"cache {cache_type if backend == 'exllamav2' else 'unquantized'}"
+        + ("" if args.no_second_cache else " (x2: hover/actions get their own)")
+        + f", {_gib(models.WORKING_BYTES)} working memory, {spare} % kept spare"
+    )
+    print()
+    table: list[tuple[str, ...]] = [
+        ("MODEL", "PARAMS", "CONTEXT", "LICENCE", "FIM", "VARIANT", "REPOSITORY", "NEEDS", "FITS")
+    ]
+    notes: dict[int, list[str]] = {}
+    for m in models.catalogue():
+        facts = (m.name, f"{m.parameters / 1e9:.2f}B", str(m.context), m.licence, m.fim_template)
+        rows = by_name.get(m.name, [])
+        for i, f in enumerate(rows):
+            v = f.variant
+            mark = ("yes" if f.fits else "no") + ("  <- recommended" if best is f else "")
+            lead = facts if i == 0 else ("",) * len(facts)
+            table.append((*lead, v.kind, v.source, _gib(f.estimate.total), mark))
+        if args.sources:
+            notes[len(table) - 1] = [f"source: {src}" for src in m.sources]
+            if m.gguf:
+                notes[len(table) - 1].append(f"GGUF (llama.cpp server): {', '.join(m.gguf)}")
+            if m.unverified:
+                notes[len(table) - 1].append(f"unverified: {', '.join(m.unverified)}")
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    right = {1, 2, 7}
+    for n, row in enumerate(table):
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip())
+        for note in notes.get(n, []):
+            print(f"    {note}")
+    print()
+    if best is None:
+        print("nothing in the catalogue fits; lower maxSeqLen or cacheType, or use a smaller GPU")
+        print("model through the openai backend (README: Running for a team)")
+    else:
+        print(f"recommended: {_pull_command(best)}")
+    if not args.sources:
+        print("(`exlsp models --sources` lists where each fact comes from, and GGUF repositories)")
+    return 0
+
+
+def _pull_command(fit: Any) -> str:
+    v = fit.variant
+    bits = f" --bits {v.bpw:g}" if v.exl2 else ""
+    return f"exlsp pull {v.model.name}{bits}"
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from exlsp.server.pull import PullError, pull
+    from exlsp.server.user_config import user_config_path
+
+    try:
+        result = pull(args.model, args.bits, configure=not args.no_configure)
+    except PullError as e:
+        print(f"exlsp pull: {e}", file=sys.stderr)
+        return 1
+    print(f"downloaded   {result.repo}@{result.revision} ({result.commit[:12]})")
+    print(f"into         {result.path} ({_gib(result.size_bytes)})")
+    print(f"weights      {result.quantization}")
+    print(f"FIM template {result.fim_template} (detected from the tokenizer)")
+    if args.no_configure:
+        print("configured   nothing (--no-configure)")
+    else:
+        where = user_config_path()
+        print(f"configured   model.path and model.backend = {result.backend!r} in {where}")
+    return 0
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from exlsp.server.config import _SECRETS, to_wire
+    from exlsp.server.user_config import user_config_path
+
+    config = Config()
+    sources = dict.fromkeys(_leaves(to_wire(config)), "default")
+    for origin, data in config_layers(args.config):
+        config, errors = merge(config, data)
+        for e in errors:
+            print(f"exlsp: {origin}: {e}", file=sys.stderr)
+        bad = {e.split(":", 1)[0] for e in errors}
+        for path in _leaves(data):
+            if path in sources and path not in bad:
+                sources[path] = origin
+    values = _leaves(to_wire(config))
+    secret = {f"{a}.{b}" for a, b in _SECRETS}
+    for path in secret:
+        if values.get(path):
+            values[path] = "(set)"
+    if args.json:
+        print(json.dumps({"config": to_wire(config), "sources": sources}, indent=2))
+        return 0
+    print(f"user configuration file: {user_config_path()}")
+    width = max(len(p) for p in values)
+    for path, value in values.items():
+        print(f"{path:<{width}}  {json.dumps(value):<40}  {sources[path]}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="exlsp", description="AI code completions for any LSP editor from a local model."
@@ -268,6 +454,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=10)
     p.add_argument("--config", help="a JSON file with the configuration tree")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser(
+        "models", parents=[common], help="list the model catalogue and what fits this machine"
+    )
+    p.add_argument("--backend", choices=["exllamav2", "transformers"], help="size for this backend")
+    p.add_argument("--max-seq-len", type=int, help="KV cache tokens (default: model.maxSeqLen)")
+    p.add_argument(
+        "--cache-type", choices=["fp16", "q8", "q6", "q4"], help="default: model.cacheType"
+    )
+    p.add_argument(
+        "--no-second-cache", action="store_true", help="leave out hover/actions' own cache"
+    )
+    p.add_argument("--free-gib", type=float, help="size for this much free memory instead")
+    p.add_argument("--cpu", action="store_true", help="with --free-gib: transformers on a CPU")
+    p.add_argument("--sources", action="store_true", help="print each entry's sources")
+    p.add_argument("--config", help="a JSON file with the configuration tree")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("pull", parents=[common], help="download a model, check it and configure it")
+    p.add_argument("model", metavar="NAME|REPO[@REVISION]")
+    p.add_argument("--bits", type=float, help="EXL2 bits per weight of a catalogue model")
+    p.add_argument(
+        "--no-configure", action="store_true", help="do not write the user configuration file"
+    )
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser(
+        "config",
+        parents=[common],
+        help="show the merged configuration and where each value is from",
+    )
+    p.add_argument("--config", help="a JSON file with the configuration tree")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_config)
 
     args = parser.parse_args(argv)
     level = args.log_level or ("info" if args.command == "serve" else "critical")

@@ -1,6 +1,7 @@
 """The one configuration tree, fully defaulted, camelCase on the wire.
 
-Precedence: defaults < `initializationOptions` < `workspace/configuration`
+Precedence: defaults < the user configuration file (`user_config.py`) <
+`initializationOptions` < `workspace/configuration`
 (section "exlsp") / `workspace/didChangeConfiguration`. A bad value is
 reported and its default (or the value it had) kept; the rest still applies.
 

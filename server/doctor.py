@@ -2,9 +2,9 @@
 
 Prints one aligned table (GPU, driver, CUDA, torch, exllamav2 and its CUDA
 extension, flash-attn, the model directory's family, quantization, size and
-parameters, whether it loads and with how much VRAM) and ends with one line:
+parameters, whether it loads and with how much VRAM) and ends with the verdict:
 ``ok: ...`` and exit status 0 when the configured backend can run, or
-``not ready: <reason>`` and exit status 1.
+``not ready: <reason>`` and exit status 1; then ``next: <the one command to run>``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class DoctorReport:
     rows: list[tuple[str, str]] = field(default_factory=list)
     problem: str | None = None
     serving: str = ""
+    next_step: str = ""
 
     def add(self, label: str, value: str) -> None:
         self.rows.append((label, value))
@@ -58,6 +59,8 @@ class DoctorReport:
             lines.append(f"ok: {self.serving}")
         else:
             lines.append("not ready: " + " ".join(self.problem.split()))
+        if self.next_step:
+            lines.append(f"next: {self.next_step}")
         return "\n".join(lines) + "\n"
 
 
@@ -364,6 +367,46 @@ def _remote_rows(report: DoctorReport, model: ModelConfig, load: bool) -> None:
         backend.close()
 
 
+def recommended_pull(model: ModelConfig, has_gpu: bool) -> tuple[str, str] | None:
+    """(`exlsp pull ...`, what it fits) for the largest catalogue model that fits here."""
+    from exlsp.completion import models
+
+    free, where = models.available_memory(model.device)
+    cpu = not has_gpu or where == "RAM"
+    backend = "transformers" if cpu else "exllamav2"
+    best = models.recommend(
+        models.size_all(
+            free,
+            backend,
+            max_seq_len=model.maxSeqLen,
+            cache_type=model.cacheType,
+            cpu=cpu,
+        )
+    )
+    if best is None:
+        return None
+    v = best.variant
+    command = f"exlsp pull {v.model.name}" + (f" --bits {v.bpw:g}" if v.exl2 else "")
+    return command, f"{_gib(best.estimate.total)} of {_gib(free)} free {where}"
+
+
+def next_step(report: DoctorReport, model: ModelConfig, has_gpu: bool) -> str:
+    """The one command to run next."""
+    no_model = not model.path or (
+        report.problem is not None and report.problem.startswith("model directory not found")
+    )
+    if report.problem is not None and not no_model:
+        return "fix the problem above, then run `exlsp doctor` again"
+    if no_model:
+        pick = recommended_pull(model, has_gpu)
+        if pick is None:
+            return "no catalogue model fits this machine's free memory (see `exlsp models`)"
+        command, fit = pick
+        why = "the built-in model serves now; for real completions" if not model.path else "then"
+        return f"{command}  ({why}: the largest catalogue model that fits, {fit})"
+    return "all good: start your editor"
+
+
 def run_doctor(model: ModelConfig, out: TextIO = sys.stdout, *, load: bool = True) -> int:
     """Print the diagnosis for `model`; 0 when its backend can run here, else 1."""
     report = DoctorReport()
@@ -373,6 +416,11 @@ def run_doctor(model: ModelConfig, out: TextIO = sys.stdout, *, load: bool = Tru
         # A remote server: nothing about this machine's GPU matters.
         report.add("backend", model.backend)
         _remote_rows(report, model, load)
+        report.next_step = (
+            "all good: start your editor"
+            if report.problem is None
+            else "fix the server or model.baseUrl above, then run `exlsp doctor` again"
+        )
         out.write(report.render())
         out.flush()
         return 0 if report.problem is None else 1
@@ -391,6 +439,7 @@ def run_doctor(model: ModelConfig, out: TextIO = sys.stdout, *, load: bool = Tru
         report.serving = f"the {model.backend} backend, once the default model is built"
     elif report.problem is not None:
         report.add("loads", "not tried")
+    report.next_step = next_step(report, model, has_gpu)
     out.write(report.render())
     out.flush()
     return 0 if report.problem is None else 1

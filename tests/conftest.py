@@ -15,6 +15,8 @@ sys.path.insert(0, str(ROOT))  # `tests.fakes`
 # unless EXLSP_CACHE_DIR says otherwise (CI sets nothing; the build takes about a minute).
 os.environ.setdefault("EXLSP_CACHE_DIR", str(ROOT / ".test-cache"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Nor the user's configuration file: an empty directory unless a test points elsewhere.
+os.environ.setdefault("EXLSP_CONFIG_DIR", str(ROOT / ".test-cache" / "user-config"))
 
 
 @pytest.fixture(scope="session")

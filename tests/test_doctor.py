@@ -18,7 +18,9 @@ NO_GPU = not torch.cuda.is_available()
 def doctor(model: ModelConfig, **kw: bool) -> tuple[int, list[str]]:
     out = io.StringIO()
     rc = run_doctor(model, out, **kw)
-    return rc, out.getvalue().rstrip("\n").splitlines()
+    lines = out.getvalue().rstrip("\n").splitlines()
+    assert lines[-1].startswith("next: "), lines[-1]
+    return rc, lines[:-1]
 
 
 def rows(lines: list[str]) -> dict[str, str]:
@@ -115,3 +117,14 @@ def test_unknown_backend_is_not_ready(tiny_model: Path) -> None:
     rc, lines = doctor(ModelConfig(path=str(tiny_model), backend="nonesuch"))
     assert rc == 1
     assert "nonesuch" in lines[-1]
+
+
+def test_ends_with_the_pull_that_fits_when_no_model_is_set(tmp_path: Path) -> None:
+    from exlsp.completion.models import find
+
+    out = io.StringIO()
+    run_doctor(ModelConfig(path=str(tmp_path / "missing"), backend="transformers"), out, load=False)
+    last = out.getvalue().rstrip("\n").splitlines()[-1]
+    assert last.startswith("next: exlsp pull "), last
+    assert find(last.split()[3]) is not None  # a catalogue model
+    assert "the largest catalogue model that fits" in last

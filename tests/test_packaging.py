@@ -27,5 +27,6 @@ def test_wheel_holds_only_the_exlsp_namespace(tmp_path: Path) -> None:
     assert packages == {"server", "completion", "index", "benchmarks"}
     assert "exlsp/__init__.py" not in names  # an implicit namespace package
     assert "exlsp/server/features/inline.py" in names
+    assert "exlsp/completion/models.json" in names  # the model catalogue, package data
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "exlsp = exlsp.server.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()

@@ -13,6 +13,7 @@ from lsprotocol import types
 from exlsp.server.config import drop_user_only, merge
 from exlsp.server.features.indexing import restart_index, start_index, stop_index
 from exlsp.server.lsp import ExlspServer
+from exlsp.server.user_config import user_config_path, user_settings
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def register(server: ExlspServer) -> None:
     def initialize(ls: ExlspServer, params: types.InitializeParams) -> None:
         ls.event_loop = asyncio.get_running_loop()
         ls.loop_thread = threading.get_ident()
+        apply_settings(ls, user_settings(ls.show_once), str(user_config_path()), from_user=True)
         apply_settings(ls, params.initialization_options, "initializationOptions", from_user=True)
 
     @server.feature(types.INITIALIZED)

@@ -1,0 +1,285 @@
+"""The catalogue of fill-in-the-middle base code models and how much memory each needs.
+
+The facts live in `models.json` next to this module, each entry with its
+sources. Sizing is plain arithmetic on those facts, so it is tested without a
+GPU; only `available_memory` looks at the machine (torch is imported there, late).
+
+An estimate is
+
+    weights  = parameters × bpw / 8  +  vocab × hidden × (head bits − bpw) / 8
+    KV cache = layers × 2 × KV heads × head dim × bytes per value × maxSeqLen
+               (fp16 2 bytes; q8, q6, q4 1, 0.75, 0.5 + an fp16 scale per 32 values,
+               and exllamav2's fp16 scratch K/V of one layer; see `kv_cache_bytes`)
+    total    = weights + KV cache × (1 + second cache) + WORKING_BYTES
+
+where the second cache is the one hover and code actions get (README: "Use a
+real model"), and a model fits when `total <= free × (1 - HEADROOM)`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+DATA = Path(__file__).with_name("models.json")
+
+# CUDA context, activations, the sampler's logits and exllamav2's scratch buffers:
+# a constant, not a measurement per model. 512 MiB puts the estimate within a few
+# per cent of the published EXL2 sizes the tests check.
+WORKING_BYTES = 512 * 2**20
+# Room to spare: recommend only what fits in 90 % of the free memory.
+HEADROOM = 0.10
+# Below this many bits per weight a model is recommended only when nothing better fits.
+MIN_GOOD_BPW = 4.0
+
+# Caches the backends keep: exllamav2's four types; the transformers backend's
+# unquantized cache (fp16 on a GPU, fp32 on a CPU).
+CACHE_TYPES = ("fp16", "q8", "q6", "q4", "fp32")
+
+
+@dataclass(frozen=True)
+class Exl2Repo:
+    repo: str
+    branches: dict[str, float]  # branch name -> bits per weight
+    head_bits: dict[str, float]  # branch name -> bits of the output head
+
+
+@dataclass(frozen=True)
+class CatalogueModel:
+    name: str
+    repo: str
+    fim_template: str
+    parameters: int
+    context: int
+    licence: str
+    layers: int
+    attention_heads: int
+    kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    tied_embeddings: bool
+    exl2: tuple[Exl2Repo, ...]
+    gguf: tuple[str, ...]
+    sources: tuple[str, ...]
+    unverified: tuple[str, ...] = ()
+
+    def config(self) -> dict[str, Any]:
+        """The config.json fields the KV sizing reads."""
+        return {
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.attention_heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_size": self.hidden_size,
+        }
+
+    def kv_cache_bytes(self, tokens: int, cache_type: str) -> int:
+        # One formula for the catalogue and the exllamav2 backend's own out-of-memory report.
+        from exlsp.completion.backends.exllamav2_backend import kv_cache_bytes
+
+        if cache_type == "fp32":
+            return 2 * kv_cache_bytes(self.config(), tokens, "fp16")
+        return kv_cache_bytes(self.config(), tokens, cache_type)
+
+    @property
+    def head_parameters(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One downloadable form of a catalogue model for one backend."""
+
+    model: CatalogueModel
+    backend: str  # "exllamav2" or "transformers"
+    repo: str
+    revision: str
+    bpw: float
+    head_bits: float
+    exl2: bool = False
+
+    @property
+    def kind(self) -> str:
+        if self.exl2:
+            return f"EXL2 {self.bpw:g} bpw"
+        return f"{'16-bit' if self.bpw == 16 else 'fp32'} safetensors"
+
+    @property
+    def source(self) -> str:
+        return f"{self.repo}@{self.revision}" if self.exl2 else self.repo
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights: int
+    kv_cache: int
+    second_cache: int
+    working: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.second_cache + self.working
+
+
+@dataclass
+class Fit:
+    variant: Variant
+    estimate: Estimate
+    fits: bool
+
+
+def _entry(raw: dict[str, Any]) -> CatalogueModel:
+    return CatalogueModel(
+        name=raw["name"],
+        repo=raw["repo"],
+        fim_template=raw["fimTemplate"],
+        parameters=int(raw["parameters"]),
+        context=int(raw["context"]),
+        licence=raw["licence"],
+        layers=int(raw["layers"]),
+        attention_heads=int(raw["attentionHeads"]),
+        kv_heads=int(raw["kvHeads"]),
+        head_dim=int(raw["headDim"]),
+        hidden_size=int(raw["hiddenSize"]),
+        vocab_size=int(raw["vocabSize"]),
+        tied_embeddings=bool(raw["tiedEmbeddings"]),
+        exl2=tuple(
+            Exl2Repo(
+                e["repo"],
+                {k: float(v) for k, v in e["branches"].items()},
+                {k: float(v) for k, v in e["headBits"].items()},
+            )
+            for e in raw.get("exl2", [])
+        ),
+        gguf=tuple(raw.get("gguf", [])),
+        sources=tuple(raw["sources"]),
+        unverified=tuple(raw.get("unverified", [])),
+    )
+
+
+@cache
+def catalogue() -> tuple[CatalogueModel, ...]:
+    data = json.loads(DATA.read_text(encoding="utf-8"))
+    return tuple(_entry(m) for m in data["models"])
+
+
+def find(name: str) -> CatalogueModel | None:
+    """A catalogue entry by name (case-insensitive) or by its repository id."""
+    key = name.lower()
+    for m in catalogue():
+        if key in (m.name, m.repo.lower()):
+            return m
+    return None
+
+
+def variants(model: CatalogueModel, backend: str, *, cpu: bool = False) -> list[Variant]:
+    """The forms of `model` that `backend` can load, highest bits first."""
+    if backend == "exllamav2":
+        # exllamav2 also loads the unquantized safetensors (16 bits per weight).
+        out = [Variant(model, backend, model.repo, "main", 16.0, 16.0)]
+        out += [
+            Variant(model, backend, e.repo, branch, bpw, e.head_bits.get(branch, bpw), exl2=True)
+            for e in model.exl2
+            for branch, bpw in e.branches.items()
+        ]
+        return sorted(out, key=lambda v: -v.bpw)
+    if backend == "transformers":
+        bits = 32.0 if cpu else 16.0  # model.dtype "auto": float32 on a CPU, bfloat16 on CUDA
+        return [Variant(model, backend, model.repo, "main", bits, bits)]
+    return []
+
+
+def estimate(
+    variant: Variant,
+    *,
+    max_seq_len: int,
+    cache_type: str,
+    second_cache: bool = True,
+    working: int = WORKING_BYTES,
+) -> Estimate:
+    m = variant.model
+    weights = (
+        m.parameters * variant.bpw / 8 + m.head_parameters * (variant.head_bits - variant.bpw) / 8
+    )
+    kv = m.kv_cache_bytes(min(max_seq_len, m.context), cache_type)
+    return Estimate(
+        weights=round(weights),
+        kv_cache=kv,
+        second_cache=kv if second_cache else 0,
+        working=working,
+    )
+
+
+def fits(est: Estimate, free: int, headroom: float = HEADROOM) -> bool:
+    return est.total <= free * (1 - headroom)
+
+
+def size_all(
+    free: int,
+    backend: str,
+    *,
+    max_seq_len: int,
+    cache_type: str,
+    second_cache: bool = True,
+    cpu: bool = False,
+) -> list[Fit]:
+    """Every catalogue variant for `backend` with its estimate and whether it fits `free`."""
+    if backend == "transformers" and cpu:
+        cache_type = "fp32"
+    elif backend == "transformers":
+        cache_type = "fp16"  # the transformers backend does not quantize its cache
+    out = []
+    for model in catalogue():
+        for v in variants(model, backend, cpu=cpu):
+            est = estimate(
+                v, max_seq_len=max_seq_len, cache_type=cache_type, second_cache=second_cache
+            )
+            out.append(Fit(v, est, fits(est, free)))
+    return out
+
+
+def recommend(fits_list: list[Fit]) -> Fit | None:
+    """The largest model that fits, at the most bits that fit.
+
+    Models are compared by parameters; a variant under `MIN_GOOD_BPW` wins only
+    when no model fits at `MIN_GOOD_BPW` or more.
+    """
+    ok = [f for f in fits_list if f.fits]
+    good = [f for f in ok if f.variant.bpw >= MIN_GOOD_BPW] or ok
+    if not good:
+        return None
+    return max(good, key=lambda f: (f.variant.model.parameters, f.variant.bpw))
+
+
+def available_memory(device: str = "auto") -> tuple[int, str]:
+    """(free bytes, where): free VRAM of the first CUDA GPU, else available RAM."""
+    if device != "cpu":
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+                free, _total = torch.cuda.mem_get_info(index)
+                return int(free), f"GPU {index} ({torch.cuda.get_device_name(index)})"
+        except Exception:  # no torch, no driver: fall back to RAM
+            pass
+    return _available_ram(), "RAM"
+
+
+def _available_ram() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return 0
