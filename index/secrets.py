@@ -88,7 +88,26 @@ _TEXT_PATTERNS: tuple[tuple[str, str], ...] = (
     ("a PyPI token", r"\bpypi-AgEIcHlwaS5vcmc[A-Za-z0-9_-]{50,}"),
     ("a Hugging Face token", r"\bhf_[A-Za-z0-9]{34,}\b"),
 )
-_TEXT = re.compile("|".join(f"(?P<s{i}>{p})" for i, (_, p) in enumerate(_TEXT_PATTERNS)))
+_TEXT = [re.compile(p) for _, p in _TEXT_PATTERNS]
+# Text each pattern's match must contain (in the lower-cased text where the first
+# is None): ``str.find`` looks for them a hundred times faster than the
+# patterns themselves (which start with ``\b``) scan a file that holds none.
+_HINTS: tuple[tuple[str, ...], ...] = (
+    ("PRIVATE KEY",),
+    ("AKIA", "ASIA"),
+    ("aws",),  # case-insensitive: looked for in the lower-cased text
+    ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
+    ("glpat-",),
+    ("xox",),
+    ("AIza",),
+    ("sk-",),
+    ("k_live_",),
+    ("npm_",),
+    ("pypi-",),
+    ("hf_",),
+)
+_CASELESS = frozenset({2})
+assert len(_HINTS) == len(_TEXT_PATTERNS)
 
 
 def secret_name(path: str | os.PathLike[str]) -> bool:
@@ -115,8 +134,19 @@ def secret_path(path: str | os.PathLike[str]) -> bool:
 
 
 def secret_in_text(text: str) -> str | None:
-    """What kind of secret the text holds ("a private key", ...), or None."""
-    match = _TEXT.search(text)
-    if match is None:
-        return None
-    return _TEXT_PATTERNS[int(str(match.lastgroup)[1:])][0]
+    """What kind of secret the text holds ("a private key", ...; the first in the
+    text when there are several), or None."""
+    lower: str | None = None
+    first: tuple[int, str] | None = None
+    for i, hints in enumerate(_HINTS):
+        if i in _CASELESS:
+            lower = text.lower() if lower is None else lower
+            hinted = any(h in lower for h in hints)
+        else:
+            hinted = any(h in text for h in hints)
+        if not hinted:
+            continue
+        match = _TEXT[i].search(text)
+        if match is not None and (first is None or match.start() < first[0]):
+            first = (match.start(), _TEXT_PATTERNS[i][0])
+    return first[1] if first is not None else None
