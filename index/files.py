@@ -281,10 +281,11 @@ class WorkspaceFiles:
                     known = bool(self._own_rules_ignore(sub, True, known_only=True))
             elif parts[-1] == ".gitignore":
                 known = False  # excluded from the index, yet it changes the rules
-            else:  # the last part may be a folder or a file named like one: file rules
-                known = bool(self._own_rules_ignore(sub, False, known_only=True)) or (
-                    self._include is not None and not self._include.check_file(rel).include
-                )
+            else:
+                # The last part may be a folder or a file named like one: file rules
+                # (those match folders too), not `include` (a folder moved in holds
+                # included files whatever its name).
+                known = bool(self._own_rules_ignore(sub, False, known_only=True))
             if known:
                 ignored = True
                 break

@@ -143,3 +143,16 @@ def test_tokenizers_and_large_data_files_are_skipped_by_default(tmp_path: Path) 
     # The same file under a larger limit is read.
     roomy = WorkspaceFiles(root, IndexConfig(maxDataFileBytes=1_000_000))
     assert roomy.read("bench/results/run.json").verdict == Verdict.OK
+
+
+def test_surely_ignored_reads_nothing_and_keeps_what_may_matter(
+    files: WorkspaceFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    list(files.walk())  # the scan reads the .gitignore files
+    monkeypatch.setattr(os.path, "isfile", lambda p: pytest.fail(f"probed {p}"))
+    for rel in ("node_modules/a/b.js", "src/__pycache__/m.pyc", "debug.log", ".git/x", ".ENV"):
+        assert files.surely_ignored(rel), rel
+    for rel in ("src/geometry.py", "build", "src/.gitignore", "newdir/sub"):
+        assert not files.surely_ignored(rel), rel
+    narrow = WorkspaceFiles(files.root, IndexConfig(include=["*.py"]))
+    assert not narrow.surely_ignored("moved_in_folder")  # may hold .py files
