@@ -65,6 +65,11 @@ from exlsp.index.watch import ChangeKind, Debouncer, FileEvent, WorkspaceWatcher
 log = logging.getLogger(__name__)
 
 CHUNKER_VERSION = 1
+# What a file must pass to be indexed (secrets by name, link and content; the
+# real path inside the workspace). An index checked under an older version
+# re-reads every file once at start, so that what is no longer allowed leaves it
+# (unchanged files keep their rows and vectors).
+CHECKS_VERSION = 2
 # Flush the rows gathered by a scan at this many chunks (bounds memory, shows progress).
 FLUSH_CHUNKS = 4096
 # Rows per embedding step: starts here, then adapts so a step takes about
@@ -588,7 +593,12 @@ class WorkspaceIndex:
                     self._watcher = watcher
             self._files = store.file_states()
             self._job = "scan"
-            self._scan(initial=True)
+            verify = store.meta_value("checks") != CHECKS_VERSION
+            if verify and self._files:
+                log.info("index %s: checking every file again (new rules)", self.root)
+            self._scan(initial=True, verify=verify)
+            if verify:
+                store.set_meta_value("checks", CHECKS_VERSION)
             self._after_writes(force_optimize=True)
             with self._cond:
                 self._job = "setup"
@@ -749,8 +759,9 @@ class WorkspaceIndex:
 
     # --- scanning and batches --------------------------------------------------
 
-    def _scan(self, *, initial: bool) -> None:
-        """Reconcile the whole workspace with the table."""
+    def _scan(self, *, initial: bool, verify: bool = False) -> None:
+        """Reconcile the whole workspace with the table (`verify`: read every file,
+        also those whose size and mtime did not change)."""
         started = time.monotonic()
         self._state = "scanning"
         self._files_rules.reload()
@@ -759,6 +770,7 @@ class WorkspaceIndex:
             candidates,
             title="Indexing workspace" if initial else "Re-indexing workspace",
             always_report=True,
+            verify=verify,
         )
         gone = [p for p in self._files if p not in seen]
         self._delete(gone)
@@ -807,14 +819,18 @@ class WorkspaceIndex:
         self._delete([p for p in check if p in self._files and p not in seen])
         self._chunk_count = self._count()
 
-    def _reconcile(self, paths: Sequence[str], *, title: str, always_report: bool) -> set[str]:
+    def _reconcile(
+        self, paths: Sequence[str], *, title: str, always_report: bool, verify: bool = False
+    ) -> set[str]:
         """Index each path whose content changed; returns the paths that are indexable."""
         seen: set[str] = set()
         total = len(paths)
         if always_report:
             self._emit(ProgressEvent("begin", "index", title, f"0/{total} files", 0, total))
         try:
-            self._read_and_flush(paths, seen, title=title, always_report=always_report)
+            self._read_and_flush(
+                paths, seen, title=title, always_report=always_report, verify=verify
+            )
         except Exception as exc:
             if always_report:  # the client's progress ends, with the reason
                 reason = f"failed: {type(exc).__name__}: {exc}"
@@ -827,7 +843,13 @@ class WorkspaceIndex:
         return seen
 
     def _read_and_flush(
-        self, paths: Sequence[str], seen: set[str], *, title: str, always_report: bool
+        self,
+        paths: Sequence[str],
+        seen: set[str],
+        *,
+        title: str,
+        always_report: bool,
+        verify: bool = False,
     ) -> None:
         """Read `paths`, chunk the changed ones and write them; indexable ones go in `seen`."""
         pending: dict[str, tuple[FileState, list[Chunk]]] = {}
@@ -840,7 +862,11 @@ class WorkspaceIndex:
             if always_report and done % YIELD_EVERY_FILES == 0:
                 self._yield_to_completions()
             old = self._files.get(rel)
-            if old is not None and self._files_rules.stat_key(rel) == (old.mtime_ns, old.size):
+            if (
+                old is not None
+                and not verify
+                and self._files_rules.stat_key(rel) == (old.mtime_ns, old.size)
+            ):
                 seen.add(rel)
                 continue
             fr: FileRead = self._files_rules.read(rel)

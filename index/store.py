@@ -212,7 +212,10 @@ def private_dir(path: Path) -> None:
     the umask, also when it exists already (an index made by an older version)."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     if os.name == "posix":
-        os.chmod(path, 0o700)
+        try:
+            os.chmod(path, 0o700)
+        except OSError as exc:  # not ours to change: say so, go on
+            log.warning("cannot make %s private (%s)", path, exc)
 
 
 def _private_file(path: Path, flags: int) -> int:
@@ -299,6 +302,7 @@ class ChunkStore:
         self._vector_partitions = 0  # of the IVF index (0: none, searches are flat)
         self.probe_fraction = VECTOR_PROBE_FRACTION
         self._gather_ok = True  # see search_both
+        self._meta: dict[str, Any] = {}  # meta.json as read or last written
 
     # --- opening -------------------------------------------------------------
 
@@ -327,6 +331,7 @@ class ChunkStore:
             storage_options=options or None,
         )
         meta = self._read_meta()
+        self._meta = dict(meta or {})
         matches = meta is not None and meta.get("fingerprint") == self.fingerprint
         if self.read_only:
             if not matches:
@@ -370,6 +375,15 @@ class ChunkStore:
         assert self.storage is not None
         with self.storage.filesystem().open_input_stream(self._remote_path(name)) as f:
             return bytes(f.read()).decode("utf-8")
+
+    def meta_value(self, key: str) -> Any:
+        """A value kept in ``meta.json`` beside the fingerprint (None if absent)."""
+        return self._meta.get(key)
+
+    def set_meta_value(self, key: str, value: Any) -> None:
+        """Keep `value` in ``meta.json`` (the writer only)."""
+        self._meta = {**self._meta, key: value}
+        self._write_meta(self._meta)
 
     def _write_meta(self, data: Mapping[str, Any]) -> None:
         if isinstance(self.directory, Path):
@@ -449,7 +463,8 @@ class ChunkStore:
         self._table = self._db.create_table(
             TABLE, schema=schema_for(self.vector_dim), mode="overwrite"
         )
-        self._write_meta({"fingerprint": self.fingerprint, "note": "a rebuildable cache of exlsp"})
+        self._meta = {"fingerprint": self.fingerprint, "note": "a rebuildable cache of exlsp"}
+        self._write_meta(self._meta)
         self._has_fts = self._has_vector_index = self._has_scalar = False
 
     def _refresh_index_state(self, *, warm: bool = True) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from exlsp.index import files as files_module
+from exlsp.index import service as service_module
 from exlsp.index.files import WorkspaceFiles
 from exlsp.index.service import UnsafeRoot, WorkspaceIndex
 from exlsp.index.watch import ChangeKind
@@ -90,6 +92,23 @@ def test_secrets_by_name_link_and_content_never_reach_the_index(
         for word in distinctive(text):
             assert word.encode() not in data, (rel, word)
     assert AWS_KEY_ID.encode() not in data
+
+
+def test_secrets_an_older_version_indexed_leave_the_index(
+    secret_ws: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As an index built before the content checks: they let these through.
+    monkeypatch.setattr(service_module, "CHECKS_VERSION", 1)
+    monkeypatch.setattr(files_module, "secret_in_text", lambda text: None)
+    index = start(secret_ws, tmp_path)
+    index.stop()
+    assert indexed_paths(index) == {PLAIN, "settings.py", "deploy_key"}
+    monkeypatch.undo()
+    index = start(secret_ws, tmp_path)
+    try:
+        assert indexed_paths(index) == {PLAIN}
+    finally:
+        index.stop()
 
 
 def test_recent_edits_pass_the_same_checks(secret_ws: Path, tmp_path: Path) -> None:
