@@ -1,4 +1,10 @@
-"""`exlsp index PATH` and `exlsp search PATH QUERY`: the index from a terminal."""
+"""`exlsp index PATH` and `exlsp search PATH QUERY`: the index from a terminal.
+
+Both exit non-zero with a one-line reason on stderr when the index does not
+work (the worker stopped, indexing or embedding failed); `exlsp search` waits
+for the embedding model, so that its hits carry vector scores when the index
+has vectors.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,10 @@ from pathlib import Path
 from typing import TextIO
 
 from exlsp.index.config import IndexConfig
-from exlsp.index.service import ProgressEvent, WorkspaceIndex
+from exlsp.index.service import ProgressEvent, UnsafeRoot, WorkspaceIndex
+
+# How long `exlsp search` waits for the index to be searchable (scan, model load).
+SEARCH_READY_S = 300.0
 
 
 class _ProgressBar:
@@ -42,11 +51,15 @@ def run_index(path: Path, config: IndexConfig) -> int:
         print(f"exlsp index: {path} is not a directory", file=sys.stderr)
         return 2
     started = time.monotonic()
-    index = WorkspaceIndex(root, config, _ProgressBar(sys.stderr), use_watchdog=False)
+    try:
+        index = WorkspaceIndex(root, config, _ProgressBar(sys.stderr), use_watchdog=False)
+    except UnsafeRoot as exc:
+        print(f"exlsp index: {exc}", file=sys.stderr)
+        return 2
     index.start()
     try:
         while not index.wait_idle(timeout=1.0):
-            if index.stats().state == "failed":
+            if index.stats().failure is not None:
                 break
     except KeyboardInterrupt:
         print("\ninterrupted: the index keeps what was written so far", file=sys.stderr)
@@ -62,8 +75,8 @@ def run_index(path: Path, config: IndexConfig) -> int:
             file=sys.stderr,
         )
         return 1
-    if stats.state == "failed":
-        print(f"exlsp index: failed: {stats.last_error}", file=sys.stderr)
+    if stats.failure is not None:
+        print(f"exlsp index: {stats.failure}", file=sys.stderr)
         return 1
     vectors = (
         f", {stats.chunks_with_vectors} with vectors ({stats.embedding_model})"
@@ -80,16 +93,24 @@ def run_index(path: Path, config: IndexConfig) -> int:
 def run_search(path: Path, query: str, config: IndexConfig, limit: int = 10) -> int:
     """Print the best chunks of the index of `path` for `query`; 0 on success."""
     root = path.resolve()
-    index = WorkspaceIndex(root, config, None, use_watchdog=False)
+    try:
+        index = WorkspaceIndex(root, config, None, use_watchdog=False)
+    except UnsafeRoot as exc:
+        print(f"exlsp search: {exc}", file=sys.stderr)
+        return 2
     index.start()
     try:
-        deadline = time.monotonic() + 120
-        # Searching needs the table open; a writer also finishes its update first
-        # (quick when the index is current), a reader searches what is there.
-        while not index.wait_idle(timeout=0.5, embeddings=False):
-            if index.stats().state == "failed" or time.monotonic() > deadline:
+        deadline = time.monotonic() + SEARCH_READY_S
+        # Searching needs the table open and the embedding model loaded; a writer
+        # also finishes its update first (quick when the index is current), a
+        # reader searches what is there.
+        while not index.wait_searchable(timeout=0.5):
+            if index.stats().failure is not None or time.monotonic() > deadline:
                 break
         stats = index.stats()
+        if stats.failure is not None:
+            print(f"exlsp search: {stats.failure}", file=sys.stderr)
+            return 1
         if stats.chunks == 0 and not index.ready:
             print(f"exlsp search: no index for {root} (run `exlsp index {path}`)", file=sys.stderr)
             return 1

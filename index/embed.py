@@ -329,6 +329,12 @@ class QueryVectorCache:
                 self._thread.start()
             self._cond.notify_all()
 
+    def forget(self, place: str) -> None:
+        """Drop the vectors of a place (a closed document)."""
+        with self._cond:
+            for key in [k for k in self._entries if k[0] == place]:
+                del self._entries[key]
+
     def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is queued or being embedded (tests, benchmarks)."""
         deadline = time.monotonic() + timeout

@@ -10,6 +10,13 @@ seen a single chunk.
 Only one process writes an index (a lock file in its directory); a second one,
 for example a second editor window on the same folder, searches it read-only
 and takes over when the writer goes away.
+
+Paths from file events are trusted no more than the scan's: each is resolved
+(every link on its way) and must lie inside the workspace before anything is
+read or walked, and events for paths the rules surely ignore are dropped before
+they wait for a batch, so that a busy ``node_modules/`` costs nothing. While
+file events keep coming, the embedding backlog still advances in steps between
+their batches.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import bisect
 import collections
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -39,9 +47,10 @@ from exlsp.index.embed import (
     resolve_model,
     wait_while_busy,
 )
-from exlsp.index.files import FileRead, Verdict, WorkspaceFiles
+from exlsp.index.files import FileRead, Verdict, WorkspaceFiles, display_path
 from exlsp.index.lexical import query_terms
 from exlsp.index.search import SearchHit, hybrid_search
+from exlsp.index.secrets import secret_in_text, secret_path
 from exlsp.index.shared import make_store
 from exlsp.index.store import (
     ChunkStore,
@@ -56,6 +65,11 @@ from exlsp.index.watch import ChangeKind, Debouncer, FileEvent, WorkspaceWatcher
 log = logging.getLogger(__name__)
 
 CHUNKER_VERSION = 1
+# What a file must pass to be indexed (secrets by name, link and content; the
+# real path inside the workspace). An index checked under an older version
+# re-reads every file once at start, so that what is no longer allowed leaves it
+# (unchanged files keep their rows and vectors).
+CHECKS_VERSION = 2
 # Flush the rows gathered by a scan at this many chunks (bounds memory, shows progress).
 FLUSH_CHUNKS = 4096
 # Rows per embedding step: starts here, then adapts so a step takes about
@@ -88,6 +102,10 @@ YIELD_MAX_S = 2.0
 YIELD_EVERY_FILES = 16
 
 
+class UnsafeRoot(ValueError):
+    """The folder is no workspace to index whole: the file system root or the home folder."""
+
+
 @dataclass(frozen=True)
 class ProgressEvent:
     """Work-done progress, shaped like LSP's `$/progress` (begin / report / end).
@@ -115,7 +133,8 @@ class IndexStats:
     root: str
     database_dir: str
     # "created", "starting", "scanning", "updating", "embedding", "idle",
-    # "read-only", "disabled", "failed", "stopped"
+    # "pending" (file changes wait for a pause), "read-only", "disabled",
+    # "failed" (see `failure`), "stopped"
     state: str
     files: int
     chunks: int
@@ -130,6 +149,12 @@ class IndexStats:
     # Query embeddings computed (off the request path), and the last one's time.
     query_vectors: int = 0
     query_vector_ms: float | None = None
+    # Folders and files skipped because they cannot be read or their name is not
+    # UTF-8 (each logged once), as of the last scan.
+    skipped_unreadable: int = 0
+    # Why the index does not work as it should, until it does again: the worker
+    # stopped, scans keep failing, or embedding failed. None: all is well.
+    failure: str | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +171,21 @@ def default_database_dir(root: Path) -> Path:
     return Path(platformdirs.user_cache_dir("exlsp")) / "index" / digest[:16]
 
 
+def refuse_root(root: Path) -> None:
+    """Raise `UnsafeRoot` for a folder no index should cover whole: the file system
+    root or the user's home folder (every private file of the user, other projects)."""
+    try:
+        home: Path | None = Path.home().resolve()
+    except (RuntimeError, OSError):  # no home folder known
+        home = None
+    if root == Path(root.anchor) or root == home:
+        raise UnsafeRoot(
+            f"will not index {root}: it is the "
+            + ("home folder" if root == home else "file system root")
+            + ", not a project workspace; open a project folder instead"
+        )
+
+
 class WorkspaceIndex:
     """The index of one workspace folder.
 
@@ -155,7 +195,12 @@ class WorkspaceIndex:
     `workspace/didChangeWatchedFiles` (then feed them to `file_events`).
     `embedder` replaces the configured embedding model (tests, benchmarks).
     `busy` says whether completions are being computed: heavy index work (scans,
-    the embedding backlog, index builds) waits while it says so.
+    the embedding backlog, index builds) waits while it says so. `on_failure`
+    is called once (on the index worker thread) with a one-line reason when the
+    index stops working as it should; `stats().failure` says whether it still
+    does not.
+
+    Raises `UnsafeRoot` for the file system root or the home folder.
     """
 
     def __init__(
@@ -167,8 +212,10 @@ class WorkspaceIndex:
         use_watchdog: bool = True,
         embedder: Embedder | None = None,
         busy: Callable[[], bool] | None = None,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         self.root = Path(root).resolve()
+        refuse_root(self.root)
         self.config = config or IndexConfig()
         self.database_dir = (
             store_location(self.config.databaseDir)
@@ -176,6 +223,7 @@ class WorkspaceIndex:
             else default_database_dir(self.root)
         )
         self._on_progress = on_progress
+        self._on_failure = on_failure
         self._use_watchdog = use_watchdog
         self._given_embedder = embedder
         self._busy = busy
@@ -192,10 +240,14 @@ class WorkspaceIndex:
         self._job: str | None = "setup"
         self._scan_done = False  # the initial scan has been written
         self._setup_done = False  # ... and the embedding model loaded (or not configured)
+        self._embedder_tried = False  # the model was loaded (or not) for searching
         self._state = "created" if self.config.enabled else "disabled"
         self._batches = 0
         self._commits = 0
         self._last_error: str | None = None
+        # (the step that failed: "index" or "embed", why) until that step works again.
+        self._failure: tuple[str, str] | None = None
+        self._failure_told = False
         self._scan_seconds: float | None = None
         self._recent: collections.deque[RecentEdit] = collections.deque()
 
@@ -217,6 +269,7 @@ class WorkspaceIndex:
         self._watcher: WorkspaceWatcher | None = None
         self._thread: threading.Thread | None = None
         self._embed_batch = EMBED_BATCH
+        self._embed_progress: list[int] | None = None  # [done, total] while a backlog runs
         self._failures = 0
         self.query_vectors = QueryVectorCache(lambda: self._embedder, busy=busy)
 
@@ -275,7 +328,9 @@ class WorkspaceIndex:
         """File changes reported by the editor: (path or file:// URI, kind).
 
         `kind` is a `ChangeKind`, "created"/"changed"/"deleted" or LSP's
-        FileChangeType (1, 2, 3). Paths outside the workspace are ignored.
+        FileChangeType (1, 2, 3). Paths outside the workspace, and paths that the
+        rules surely ignore, are dropped here (no file system access: the caller
+        may be the event loop); the worker checks the rest, links resolved.
         """
         parsed: list[FileEvent] = []
         for path, kind in events:
@@ -285,7 +340,7 @@ class WorkspaceIndex:
             if rel == "":  # the folder itself
                 self.rescan()
                 continue
-            if self._files_rules.quick_skip(rel):
+            if self._files_rules.surely_ignored(rel):
                 continue
             parsed.append((rel, ChangeKind.parse(kind)))
         self._add_events(parsed)
@@ -299,14 +354,18 @@ class WorkspaceIndex:
     def note_edit(self, uri_or_path: str, text: str, line: int) -> None:
         """Remember that the lines starting at `line` now read `text` (an unsaved edit).
 
-        Edits of secret files (the deny-list, inside the workspace or not) are not
-        kept: they would end up in prompts.
+        Edits are context for prompts, so they pass the checks a file read does:
+        edits of secret files (by name in any case, inside the workspace or not,
+        or through a link to one) are not kept, nor edits whose text holds a
+        secret, which also take the nearby edits before them (a key typed bit
+        by bit) with them.
         """
         path = self._edit_path(uri_or_path)
         if path is None:
             return
         lines = max(1, text.count("\n") + (0 if text.endswith("\n") else 1))
         edit = RecentEdit(path, max(0, line), max(0, line) + lines, text, time.monotonic())
+        secret = secret_in_text(text) is not None
         with self._cond:
             kept = [
                 e
@@ -317,16 +376,21 @@ class WorkspaceIndex:
                     and edit.start_line <= e.end_line + 2
                 )
             ]
-            kept.append(edit)
+            if not secret:
+                kept.append(edit)
             self._recent = collections.deque(kept[-MAX_RECENT_EDITS:])
 
     def _edit_path(self, uri_or_path: str) -> str | None:
-        """The path an edit is kept under (None: on the deny-list), kept per document:
-        it is asked at every keystroke and path rules are not cheap."""
+        """The path an edit is kept under (None: a secret file), kept per open document
+        (until `forget_document`): it is asked at every keystroke and path rules are
+        not cheap."""
         if uri_or_path in self._edit_paths:
             return self._edit_paths[uri_or_path]
         rel = self._files_rules.relpath(uri_or_path)
-        denied = self._files_rules.is_denied(rel or self._files_rules.plain_path(uri_or_path))
+        files = self._files_rules
+        denied = files.is_denied(rel or files.plain_path(uri_or_path)) or secret_path(
+            files.local_path(uri_or_path)
+        )
         path = None if denied else (rel or uri_or_path)
         if len(self._edit_paths) >= 1024:
             self._edit_paths.clear()
@@ -341,9 +405,11 @@ class WorkspaceIndex:
         return out[: max(0, limit)]
 
     def forget_document(self, uri_or_path: str) -> None:
-        """Drop the recent edits of a closed document."""
+        """Drop what is kept for a closed document: its recent edits, its edit path."""
         rel = self._files_rules.relpath(uri_or_path)
         path = rel if rel else uri_or_path
+        self._edit_paths.pop(uri_or_path, None)
+        self.query_vectors.forget(path)
         with self._cond:
             self._recent = collections.deque(e for e in self._recent if e.path != path)
 
@@ -424,7 +490,27 @@ class WorkspaceIndex:
             commits=self._commits,
             query_vectors=self.query_vectors.computed,
             query_vector_ms=self.query_vectors.last_ms,
+            skipped_unreadable=len(self._files_rules.unreadable),
+            failure=self._failure[1] if self._failure is not None else None,
         )
+
+    def wait_searchable(self, timeout: float | None = None) -> bool:
+        """Wait until a search uses all there is: the first scan is written and the
+        embedding model is loaded (or not configured, or failed to load); for a
+        read-only index, the table is open and the model loaded. True also when
+        the worker stopped (see `stats()`); False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                thread = self._thread
+                if thread is None or not thread.is_alive():
+                    return True
+                if self._setup_done or (self._read_only and self._embedder_tried):
+                    return True
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(0.5 if remaining is None else min(0.5, remaining))
 
     # --- the worker ----------------------------------------------------------
 
@@ -437,6 +523,28 @@ class WorkspaceIndex:
 
     def _on_watch_events(self, events: list[FileEvent]) -> None:
         self.file_events(events)
+
+    def _fail(self, step: str, reason: str) -> None:
+        """Record that `step` ("index", "embed") does not work; tell once per index."""
+        self._failure = (step, reason)
+        self._state = "failed"
+        if self._failure_told or self._on_failure is None:
+            return
+        self._failure_told = True
+        try:
+            self._on_failure(reason)
+        except Exception:
+            log.exception("failure callback failed")
+
+    def _works(self, step: str) -> None:
+        """`step` worked: a failure it had is over."""
+        if self._failure is not None and self._failure[0] == step:
+            log.info(
+                "index %s: %s works again",
+                self.root,
+                "embedding" if step == "embed" else "indexing",
+            )
+            self._failure = None
 
     def _yield_to_completions(self) -> None:
         """Wait (up to YIELD_MAX_S) while completions are being computed."""
@@ -478,26 +586,33 @@ class WorkspaceIndex:
                     self._on_watch_events,
                     skip=lambda p: (
                         (r := self._files_rules.relpath(p)) is None
-                        or self._files_rules.quick_skip(r)
+                        or self._files_rules.surely_ignored(r)
                     ),
                 )
                 if watcher.start():
                     self._watcher = watcher
             self._files = store.file_states()
             self._job = "scan"
-            self._scan(initial=True)
+            verify = store.meta_value("checks") != CHECKS_VERSION
+            if verify and self._files:
+                log.info("index %s: checking every file again (new rules)", self.root)
+            self._scan(initial=True, verify=verify)
+            if verify:
+                store.set_meta_value("checks", CHECKS_VERSION)
             self._after_writes(force_optimize=True)
             with self._cond:
                 self._job = "setup"
                 self._scan_done = True
                 self._cond.notify_all()
             self._load_embedder()
-            self._setup_done = True
+            with self._cond:
+                self._setup_done = True
+                self._cond.notify_all()
             self._loop()
         except Exception as exc:
             self._last_error = f"{type(exc).__name__}: {exc}"
-            self._state = "failed"
             log.exception("the workspace index stopped")
+            self._fail("worker", f"the workspace index stopped: {self._last_error}")
         finally:
             with self._cond:
                 self._job = None
@@ -523,6 +638,7 @@ class WorkspaceIndex:
                     self._load_embedder()
                 except Exception as exc:
                     log.debug("read-only open failed: %s", exc)
+                self._embedder_tried = self._store is not None
             if not self._read_only:
                 log.info(
                     "index %s is maintained by another process: searching it read-only",
@@ -559,7 +675,6 @@ class WorkspaceIndex:
             self._backlog = self._vector_count < self._chunk_count
 
     def _loop(self) -> None:
-        embed_progress: list[int] | None = None  # [done, total] while a backlog runs
         while True:
             with self._cond:
                 while True:
@@ -573,14 +688,20 @@ class WorkspaceIndex:
                     if due == 0:
                         job = ("batch", self._debouncer.drain())
                         break
-                    if self._backlog and self._embedder is not None and due is None:
+                    # Also while events wait for a pause: under constant file
+                    # activity the backlog advances a step (about EMBED_STEP_S)
+                    # at a time between batches, instead of never.
+                    if self._backlog and self._embedder is not None:
                         job = ("embed", {})
                         break
                     if self._optimize_due() and due is None:
                         job = ("optimize", {})
                         break
                     self._job = None
-                    self._state = "idle"
+                    if due is not None:
+                        self._state = "pending"
+                    else:
+                        self._state = "idle" if self._failure is None else "failed"
                     self._cond.notify_all()
                     self._cond.wait(due if due is not None else 1.0)
                 self._job = job[0]
@@ -592,17 +713,25 @@ class WorkspaceIndex:
                     self._apply_batch(job[1])
                     self._after_writes()
                 elif job[0] == "embed":
-                    embed_progress = self._embed_step(embed_progress)
+                    self._embed_step()
+                    self._works("embed")
                 else:
                     self._optimize()
                 if job[0] in {"scan", "batch"}:
                     self._failures = 0
+                    self._works("index")
             except Exception as exc:  # one failed step must not end the index
                 self._last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("index step %s failed", job[0])
                 if job[0] == "embed":
                     self._backlog = False
-                    embed_progress = None
+                    progress, self._embed_progress = self._embed_progress, None
+                    if progress is not None and progress[1]:
+                        reason = f"failed: {self._last_error}"
+                        self._emit(
+                            ProgressEvent("end", "embed", "Embedding chunks", reason, *progress)
+                        )
+                    self._fail("embed", f"embedding failed: {self._last_error}")
                 self._recover_store()
                 if job[0] in {"scan", "batch"}:
                     # The batch's events are gone: re-check everything, a few times.
@@ -611,6 +740,8 @@ class WorkspaceIndex:
                         with self._cond:
                             self._cond.wait(float(self._failures))
                         self.rescan()
+                    else:
+                        self._fail("index", f"indexing failed: {self._last_error}")
 
     def _recover_store(self) -> None:
         """After a failed write, reopen (and if need be rebuild) the table."""
@@ -628,8 +759,9 @@ class WorkspaceIndex:
 
     # --- scanning and batches --------------------------------------------------
 
-    def _scan(self, *, initial: bool) -> None:
-        """Reconcile the whole workspace with the table."""
+    def _scan(self, *, initial: bool, verify: bool = False) -> None:
+        """Reconcile the whole workspace with the table (`verify`: read every file,
+        also those whose size and mtime did not change)."""
         started = time.monotonic()
         self._state = "scanning"
         self._files_rules.reload()
@@ -638,6 +770,7 @@ class WorkspaceIndex:
             candidates,
             title="Indexing workspace" if initial else "Re-indexing workspace",
             always_report=True,
+            verify=verify,
         )
         gone = [p for p in self._files if p not in seen]
         self._delete(gone)
@@ -671,7 +804,12 @@ class WorkspaceIndex:
                 while i < len(known) and known[i].startswith(prefix):
                     check.add(known[i])
                     i += 1
-            if kind != ChangeKind.DELETED and path.is_dir() and not path.is_symlink():
+            if self._files_rules.real_relpath(rel) is None:
+                # Through a link out of the workspace: never read or walked (and
+                # whatever was indexed under this path goes).
+                check.add(rel)
+                continue
+            if kind != ChangeKind.DELETED and os.path.isdir(path) and not os.path.islink(path):
                 check.update(self._files_rules.walk(rel))
             else:
                 check.add(rel)
@@ -681,28 +819,60 @@ class WorkspaceIndex:
         self._delete([p for p in check if p in self._files and p not in seen])
         self._chunk_count = self._count()
 
-    def _reconcile(self, paths: Sequence[str], *, title: str, always_report: bool) -> set[str]:
+    def _reconcile(
+        self, paths: Sequence[str], *, title: str, always_report: bool, verify: bool = False
+    ) -> set[str]:
         """Index each path whose content changed; returns the paths that are indexable."""
         seen: set[str] = set()
+        total = len(paths)
+        if always_report:
+            self._emit(ProgressEvent("begin", "index", title, f"0/{total} files", 0, total))
+        try:
+            self._read_and_flush(
+                paths, seen, title=title, always_report=always_report, verify=verify
+            )
+        except Exception as exc:
+            if always_report:  # the client's progress ends, with the reason
+                reason = f"failed: {type(exc).__name__}: {exc}"
+                self._emit(ProgressEvent("end", "index", title, reason, 0, total))
+            raise
+        if always_report:
+            self._emit(
+                ProgressEvent("end", "index", title, f"{len(seen)} files indexed", total, total)
+            )
+        return seen
+
+    def _read_and_flush(
+        self,
+        paths: Sequence[str],
+        seen: set[str],
+        *,
+        title: str,
+        always_report: bool,
+        verify: bool = False,
+    ) -> None:
+        """Read `paths`, chunk the changed ones and write them; indexable ones go in `seen`."""
         pending: dict[str, tuple[FileState, list[Chunk]]] = {}
         pending_chunks = 0
         total = len(paths)
         last_report = time.monotonic()
-        if always_report:
-            self._emit(ProgressEvent("begin", "index", title, f"0/{total} files", 0, total))
         for done, rel in enumerate(paths, start=1):
             if self._stopping:
                 break
             if always_report and done % YIELD_EVERY_FILES == 0:
                 self._yield_to_completions()
             old = self._files.get(rel)
-            if old is not None and self._files_rules.stat_key(rel) == (old.mtime_ns, old.size):
+            if (
+                old is not None
+                and not verify
+                and self._files_rules.stat_key(rel) == (old.mtime_ns, old.size)
+            ):
                 seen.add(rel)
                 continue
             fr: FileRead = self._files_rules.read(rel)
             if fr.verdict != Verdict.OK:
                 if fr.verdict not in {Verdict.MISSING, Verdict.DIRECTORY}:
-                    log.debug("not indexed: %s (%s)", rel, fr.verdict.value)
+                    log.debug("not indexed: %s (%s)", display_path(rel), fr.verdict.value)
                 continue
             seen.add(rel)
             state = FileState(fr.content_hash, fr.mtime_ns, fr.size)
@@ -722,11 +892,6 @@ class WorkspaceIndex:
                     ProgressEvent("report", "index", title, f"{done}/{total} files", done, total)
                 )
         self._flush(pending)
-        if always_report:
-            self._emit(
-                ProgressEvent("end", "index", title, f"{len(seen)} files indexed", total, total)
-            )
-        return seen
 
     def _flush(self, pending: dict[str, tuple[FileState, list[Chunk]]]) -> None:
         if not pending:
@@ -763,17 +928,19 @@ class WorkspaceIndex:
 
     # --- embeddings and maintenance --------------------------------------------
 
-    def _embed_step(self, progress: list[int] | None) -> list[int] | None:
+    def _embed_step(self) -> None:
+        """Embed one batch of the backlog (its progress in `_embed_progress`)."""
         store = self._require_store()
         embedder = self._embedder
         if embedder is None:
             self._backlog = False
-            return None
+            return
         self._state = "embedding"
         self._yield_to_completions()
+        progress = self._embed_progress
         if progress is None:
             missing = store.count_rows("vector IS NULL")
-            progress = [0, missing]
+            progress = self._embed_progress = [0, missing]
             if missing:
                 self._emit(
                     ProgressEvent("begin", "embed", "Embedding chunks", f"0/{missing}", 0, missing)
@@ -781,6 +948,7 @@ class WorkspaceIndex:
         rows = store.rows_without_vectors(self._embed_batch)
         if not rows:
             self._backlog = False
+            self._embed_progress = None
             if progress[1]:
                 self._emit(
                     ProgressEvent(
@@ -789,7 +957,7 @@ class WorkspaceIndex:
                 )
             self._vector_count = store.count_rows("vector IS NOT NULL")
             self._after_writes(force_optimize=True)
-            return None
+            return
         started = time.monotonic()
         vectors = embedder.embed([embedding_input(p, s, t) for _id, p, s, t in rows])
         took = time.monotonic() - started
@@ -814,7 +982,6 @@ class WorkspaceIndex:
             and time.monotonic() - self._last_optimize >= OPTIMIZE_BACKLOG_S
         ):
             self._after_writes(force_optimize=True)
-        return progress
 
     def _optimize_due(self) -> bool:
         if self._commits_since_optimize == 0:

@@ -13,6 +13,11 @@ size, which is how a restart knows what is up to date.
 
 Only the index worker thread writes; searches may come from any thread.
 
+The table holds the workspace's code: a local database directory is the
+user's alone (0700, whatever the umask; the files exlsp writes itself, 0600).
+Its indexes are checked at open: an index whose files are gone (a deleted
+``_indices/`` folder) is dropped and built again from the rows, which stay.
+
 The database may also live on object storage (``s3://bucket/prefix``, S3 or an
 S3-compatible service): LanceDB reads and writes it directly and ``meta.json``
 goes through pyarrow's S3 file system. Object storage has no lock file: one
@@ -202,9 +207,29 @@ def schema_for(vector_dim: int | None) -> pa.Schema:
     return pa.schema(fields)
 
 
+def private_dir(path: Path) -> None:
+    """Create `path` (and missing parents) readable by the user alone: 0700 whatever
+    the umask, also when it exists already (an index made by an older version)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if os.name == "posix":
+        try:
+            os.chmod(path, 0o700)
+        except OSError as exc:  # not ours to change: say so, go on
+            log.warning("cannot make %s private (%s)", path, exc)
+
+
+def _private_file(path: Path, flags: int) -> int:
+    """A file descriptor of `path`, created or not, with mode 0600."""
+    fd = os.open(path, flags | os.O_CREAT, 0o600)
+    if os.name == "posix":
+        os.fchmod(fd, 0o600)
+    return fd
+
+
 def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    with open(_private_file(tmp, os.O_WRONLY | os.O_TRUNC), "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)
 
 
@@ -223,8 +248,9 @@ class WriterLock:
             import fcntl
         except ImportError:  # no advisory locks on this platform: assume one writer
             return True
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self._path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        private_dir(self._path.parent)
+        # Held open for the lock's lifetime.
+        fh = open(_private_file(self._path, os.O_RDWR | os.O_APPEND), "a+")  # noqa: SIM115
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -276,6 +302,7 @@ class ChunkStore:
         self._vector_partitions = 0  # of the IVF index (0: none, searches are flat)
         self.probe_fraction = VECTOR_PROBE_FRACTION
         self._gather_ok = True  # see search_both
+        self._meta: dict[str, Any] = {}  # meta.json as read or last written
 
     # --- opening -------------------------------------------------------------
 
@@ -287,7 +314,10 @@ class ChunkStore:
 
         options: dict[str, str] = {}
         if isinstance(self.directory, Path):
-            self.directory.mkdir(parents=True, exist_ok=True)
+            if self.read_only:
+                self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            else:
+                private_dir(self.directory)
         elif self.storage is not None:
             options = self.storage.lance_options()
         # A reader looks for new versions now and then; on object storage each look
@@ -301,6 +331,7 @@ class ChunkStore:
             storage_options=options or None,
         )
         meta = self._read_meta()
+        self._meta = dict(meta or {})
         matches = meta is not None and meta.get("fingerprint") == self.fingerprint
         if self.read_only:
             if not matches:
@@ -316,10 +347,12 @@ class ChunkStore:
                 table = self._db.open_table(TABLE)
                 self._validate(table)
                 self._table = table
-                self._refresh_index_state()
-                return
             except Exception as exc:  # any failure to open means: rebuild
                 log.warning("index table in %s is unusable (%s): rebuilding", self.directory, exc)
+            else:
+                self._repair_indexes()
+                self._refresh_index_state()
+                return
         elif meta is not None:
             log.info("index in %s was built with other settings: rebuilding", self.directory)
         self._rebuild()
@@ -343,6 +376,15 @@ class ChunkStore:
         with self.storage.filesystem().open_input_stream(self._remote_path(name)) as f:
             return bytes(f.read()).decode("utf-8")
 
+    def meta_value(self, key: str) -> Any:
+        """A value kept in ``meta.json`` beside the fingerprint (None if absent)."""
+        return self._meta.get(key)
+
+    def set_meta_value(self, key: str, value: Any) -> None:
+        """Keep `value` in ``meta.json`` (the writer only)."""
+        self._meta = {**self._meta, key: value}
+        self._write_meta(self._meta)
+
     def _write_meta(self, data: Mapping[str, Any]) -> None:
         if isinstance(self.directory, Path):
             _write_json_atomic(self.directory / META, data)
@@ -358,6 +400,56 @@ class ChunkStore:
         table.search().select(["id", "path", "file_hash"]).limit(1).to_arrow()
         table.list_indices()
 
+    def _repair_indexes(self) -> None:
+        """Drop the indexes whose files are gone or unreadable and build them again
+        (the rows and their vectors stay): a lost ``_indices/`` folder otherwise
+        breaks every search while the table looks fine."""
+        lost: list[str] = []
+        reasons: list[str] = []
+        for index in self.table.list_indices():
+            problem = self._index_problem(index)
+            if problem is not None:
+                lost.append(str(index.name))
+                reasons.append(problem)
+        if not lost:
+            return
+        log.warning(
+            "index %s: %s unusable (%s): building again",
+            self.directory,
+            ", ".join(lost),
+            "; ".join(reasons)[:300],
+        )
+        for name in lost:
+            self.table.drop_index(name)
+        self._has_fts = self._has_vector_index = self._has_scalar = False
+        self._refresh_index_state(warm=False)
+        self.ensure_indexes()
+
+    def _index_problem(self, index: Any) -> str | None:
+        """Why an index of the table cannot be used (its files are missing, a query
+        through it fails), or None."""
+        uuid = getattr(index, "index_uuid", None)
+        where = self.directory
+        if (
+            isinstance(where, Path)
+            and uuid
+            and not (where / f"{TABLE}.lance" / "_indices" / uuid).is_dir()
+        ):
+            return "its files are missing"
+        columns = list(index.columns)
+        try:
+            if columns == ["search_text"]:
+                self.search_lexical(["def"], 1)
+            elif columns == ["vector"] and self.vector_dim is not None:
+                probe = np.zeros(self.vector_dim, dtype=np.float32)
+                probe[0] = 1.0
+                self._vector_query(probe, 1, 1).to_arrow()
+            elif len(columns) == 1:
+                self.table.search().where(f"{columns[0]} = ''").limit(1).to_arrow()
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
     def _rebuild(self) -> None:
         self.rebuilt = True
         self._table = None
@@ -371,17 +463,19 @@ class ChunkStore:
         self._table = self._db.create_table(
             TABLE, schema=schema_for(self.vector_dim), mode="overwrite"
         )
-        self._write_meta({"fingerprint": self.fingerprint, "note": "a rebuildable cache of exlsp"})
+        self._meta = {"fingerprint": self.fingerprint, "note": "a rebuildable cache of exlsp"}
+        self._write_meta(self._meta)
         self._has_fts = self._has_vector_index = self._has_scalar = False
 
-    def _refresh_index_state(self) -> None:
+    def _refresh_index_state(self, *, warm: bool = True) -> None:
         indices = self._table.list_indices()
         columns = {tuple(i.columns): i for i in indices}
         self._has_fts = ("search_text",) in columns
         self._has_scalar = ("id",) in columns
         vec = columns.get(("vector",))
         self._has_vector_index = vec is not None
-        self.warm()
+        if warm:
+            self.warm()
 
     @property
     def table(self) -> Any:

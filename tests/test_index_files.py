@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from exlsp.index.config import DEFAULT_EXCLUDE, IndexConfig
 from exlsp.index.files import Verdict, WorkspaceFiles
 from exlsp.index.watch import BURST_QUIET_S, ChangeKind, Debouncer
 from tests.index_helpers import SAMPLES, config_for, write, write_workspace
@@ -123,3 +124,35 @@ def test_change_kind_parsing() -> None:
     assert ChangeKind.parse(3) is ChangeKind.DELETED
     assert ChangeKind.parse("deleted") is ChangeKind.DELETED
     assert ChangeKind.parse("Changed") is ChangeKind.CHANGED
+
+
+def test_tokenizers_and_large_data_files_are_skipped_by_default(tmp_path: Path) -> None:
+    root = tmp_path / "ws"
+    row = '{"name": "run", "latency_ms": [1.5, 2.25, 3.0], "ok": true},\n'
+    write(root / "models" / "tokenizer.json", '{"model": {"vocab": {"a": 1}}}\n')
+    write(root / "bench" / "results" / "run.json", "[\n" + row * 2000 + "]\n")  # about 120 KB
+    write(root / "data" / "events.jsonl", row * 3)
+    write(root / "data" / "events.ndjson", row * 3)
+    write(root / "package.json", '{"name": "app", "version": "1.0.0"}\n')
+    write(root / "bench" / "results" / "summary.json", '{"p50_ms": 12}\n')
+    write(root / "bench" / "run.py", "def run():\n    pass\n")
+    files = WorkspaceFiles(root, IndexConfig(exclude=list(DEFAULT_EXCLUDE)))
+    indexed = {rel for rel in files.walk() if files.read(rel).verdict == Verdict.OK}
+    assert indexed == {"package.json", "bench/results/summary.json", "bench/run.py"}
+    assert files.read("bench/results/run.json").verdict == Verdict.TOO_LARGE
+    # The same file under a larger limit is read.
+    roomy = WorkspaceFiles(root, IndexConfig(maxDataFileBytes=1_000_000))
+    assert roomy.read("bench/results/run.json").verdict == Verdict.OK
+
+
+def test_surely_ignored_reads_nothing_and_keeps_what_may_matter(
+    files: WorkspaceFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    list(files.walk())  # the scan reads the .gitignore files
+    monkeypatch.setattr(os.path, "isfile", lambda p: pytest.fail(f"probed {p}"))
+    for rel in ("node_modules/a/b.js", "src/__pycache__/m.pyc", "debug.log", ".git/x", ".ENV"):
+        assert files.surely_ignored(rel), rel
+    for rel in ("src/geometry.py", "build", "src/.gitignore", "newdir/sub"):
+        assert not files.surely_ignored(rel), rel
+    narrow = WorkspaceFiles(files.root, IndexConfig(include=["*.py"]))
+    assert not narrow.surely_ignored("moved_in_folder")  # may hold .py files

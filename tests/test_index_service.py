@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from exlsp.index import service as service_module
 from exlsp.index.chunk import Chunker
 from exlsp.index.files import Verdict, WorkspaceFiles
 from exlsp.index.service import ProgressEvent, WorkspaceIndex
+from exlsp.index.store import ChunkStore
 from exlsp.index.watch import ChangeKind
 from tests.index_helpers import (
     IGNORED_MARKER,
@@ -212,7 +214,7 @@ def test_restart_skips_unchanged_files(root: Path, tmp_path: Path) -> None:
         second.stop()
 
 
-@pytest.mark.parametrize("damage", ["manifests", "data", "meta"])
+@pytest.mark.parametrize("damage", ["manifests", "data", "meta", "indices"])
 def test_a_damaged_table_is_rebuilt(root: Path, tmp_path: Path, damage: str) -> None:
     first = WorkspaceIndex(root, config_for(tmp_path), use_watchdog=False)
     first.start()
@@ -222,6 +224,8 @@ def test_a_damaged_table_is_rebuilt(root: Path, tmp_path: Path, damage: str) -> 
     if damage == "manifests":
         for manifest in (table_dir / "_versions").iterdir():
             manifest.write_bytes(b"garbage")
+    elif damage == "indices":  # the index folder alone is lost
+        shutil.rmtree(table_dir / "_indices")
     elif damage == "data":
         for data_file in (table_dir / "data").iterdir():
             data_file.write_bytes(b"\x00" * 64)
@@ -347,3 +351,91 @@ def test_recent_edits(started: WorkspaceIndex, root: Path) -> None:
     assert [e.path for e in started.recent_edits(exclude_path="src/geometry.py")] == ["web/app.js"]
     started.forget_document(str(root / "web" / "app.js"))
     assert [e.path for e in started.recent_edits()] == ["src/geometry.py"]
+
+
+def test_ignored_paths_are_dropped_before_debouncing(started: WorkspaceIndex, root: Path) -> None:
+    batches = started.stats().batches
+    started.file_events(
+        [(str(root / "node_modules" / "pkg" / f"mod{i}.js"), ChangeKind.CHANGED) for i in range(50)]
+        + [
+            ("src/__pycache__/geometry.cpython-311.pyc", ChangeKind.CREATED),
+            ("debug.log", ChangeKind.CHANGED),  # the root .gitignore's *.log
+            (".git/index.lock", ChangeKind.CREATED),
+            ("build/lib/out.py", ChangeKind.CREATED),
+        ]
+    )
+    assert started.stats().pending_events == 0
+    started.file_events([("src/geometry.py", ChangeKind.CHANGED), ("build", ChangeKind.CHANGED)])
+    assert started.stats().pending_events == 2  # a file may be named like an ignored folder
+    assert started.wait_idle(30)
+    assert started.stats().batches == batches + 1
+
+
+def test_embedding_progresses_under_constant_file_activity(root: Path, tmp_path: Path) -> None:
+    index = WorkspaceIndex(root, config_for(tmp_path), use_watchdog=False, embedder=FakeEmbedder())
+    stop = threading.Event()
+    churned = [0]
+
+    def churn() -> None:
+        ignored = root / "node_modules" / "pkg" / "index.js"
+        busy = root / "src" / "churning.py"
+        while not stop.is_set():
+            churned[0] += 1
+            ignored.write_text(f"var n = {churned[0]};\n")
+            busy.write_text(f"def churning_{churned[0] % 7}():\n    return {churned[0]}\n")
+            index.file_events([(str(ignored), ChangeKind.CHANGED), (str(busy), ChangeKind.CHANGED)])
+            time.sleep(0.003)
+
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    assert wait_until(lambda: churned[0] >= 20)
+    index.start()
+    try:
+        progressed = wait_until(lambda: (index.stats().chunks_with_vectors or 0) > 0, timeout=30)
+        states = set()
+        for _ in range(10):
+            states.add(index.stats().state)
+            time.sleep(0.01)
+        churning = thread.is_alive()
+    finally:
+        stop.set()
+        thread.join()
+    try:
+        assert progressed and churning
+        assert "pending" in states  # not "idle": events are waiting for a pause
+        assert index.wait_idle(60)
+        stats = index.stats()
+        assert stats.state == "idle" and stats.chunks_with_vectors == stats.chunks
+    finally:
+        index.stop()
+
+
+def test_a_failure_is_reported_once(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service_module, "MAX_RETRIES", 1)
+    failures: list[str] = []
+    events: list[ProgressEvent] = []
+    index = WorkspaceIndex(
+        root, config_for(tmp_path), events.append, use_watchdog=False, on_failure=failures.append
+    )
+    index.start()
+    try:
+        assert index.wait_idle(60)
+        assert failures == [] and index.stats().failure is None
+
+        def broken(self: ChunkStore, *args: object, **kwargs: object) -> None:
+            raise OSError("no space left on device")
+
+        monkeypatch.setattr(ChunkStore, "replace_files", broken)
+        for n in range(3):
+            write(root / "src" / f"new_{n}.py", f"def new_{n}():\n    pass\n")
+            index.file_events([(f"src/new_{n}.py", ChangeKind.CREATED)])
+            assert wait_until(lambda: index.stats().failure is not None, timeout=30)
+            assert index.wait_idle(30)
+        assert len(failures) == 1 and "no space left on device" in failures[0]
+        assert "no space left on device" in str(index.stats().failure)
+        scans = [e for e in events if e.token == "index"]
+        assert scans[-1].kind == "end" and "failed" in scans[-1].message
+    finally:
+        index.stop()

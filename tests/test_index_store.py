@@ -3,6 +3,7 @@ a fraction of them, and the deltas that optimize() adds are folded back in."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -117,3 +118,23 @@ def test_both_searches_at_once_match_the_separate_ones(store: ChunkStore) -> Non
     wrapped.open()
     lexical, vector_hits = wrapped.search_both(["return", "x"], 20, vectors[0], 5)
     assert len(lexical) == 1 and vector_hits[0].id == ids[0]  # the subclass's own search
+
+
+def test_a_lost_index_folder_is_rebuilt_at_open(store: ChunkStore) -> None:
+    ids = [f"f{n}-{k}-v0" for n in range(FILES) for k in range(PER_FILE)]
+    vectors = unit_vectors(len(ids), 3)
+    store.set_vectors(ids, vectors)
+    assert {"fts", "ivf"} <= set(store.ensure_indexes())
+    assert isinstance(store.directory, Path)
+    store.close()
+    shutil.rmtree(store.directory / "chunks.lance" / "_indices")
+
+    again = ChunkStore(store.directory, {"test": 1}, DIM)
+    again.open()
+    assert not again.rebuilt  # the rows and their vectors stay
+    assert again.count_rows("vector IS NOT NULL") == len(ids)
+    assert again.search_lexical(["fn", "12", "3"], 5)[0].id == "f12-3-v0"
+    assert again.search_vector(vectors[77], 3)[0].id == ids[77]
+    columns = {tuple(i.columns) for i in again.table.list_indices()}
+    assert {("search_text",), ("vector",)} <= columns
+    assert again.nprobes() is not None  # searched through the rebuilt vector index

@@ -124,6 +124,9 @@ async def start_index(ls: ExlspServer) -> None:
             reporter,
             use_watchdog=not editor_events,
             busy=lambda: _completions_busy(ls),
+            on_failure=lambda reason: reporter.loop.call_soon_threadsafe(
+                ls.show_once, f"exlsp: indexing failed: {reason}", types.MessageType.Warning
+            ),
         )
         index.start()
     except Exception as e:
