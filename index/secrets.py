@@ -39,13 +39,9 @@ FILE_PATTERNS: tuple[str, ...] = (
     "*.tfstate",
     "*.tfstate.*",
     "*.tfvars",
-    "credentials*",
     "*credentials.json",
     "application_default_credentials.json",
-    "secrets.*",
-    "secret.*",
     "service-account*.json",
-    "*kubeconfig*",
     ".netrc",
     "_netrc",
     ".npmrc",
@@ -63,12 +59,30 @@ FILE_PATTERNS: tuple[str, ...] = (
     "terraform.rc",
 )
 
+# Names that are secret as data but common as source files (`secrets.py` is a
+# standard library module, `credentials.go` a package): secret unless the name ends
+# in a source-code extension. The content check still looks inside those.
+DATA_PATTERNS: tuple[str, ...] = ("credentials*", "secrets.*", "secret.*", "*kubeconfig*")
+CODE_SUFFIXES: frozenset[str] = frozenset(
+    {
+        ".py", ".pyi", ".js", ".jsx", ".mjs", ".cjs", ".ts", ".tsx", ".go", ".rs", ".java",
+        ".kt", ".scala", ".rb", ".php", ".c", ".h", ".cc", ".cpp", ".hpp", ".cs", ".swift",
+        ".lua", ".ex", ".exs", ".erl", ".hs", ".ml", ".dart", ".vue", ".svelte",
+    }
+)  # fmt: skip
+
 # Directories (lower case) whose whole content is secret, at any depth.
 DIR_NAMES: frozenset[str] = frozenset(
     {".ssh", ".aws", ".gnupg", ".docker", ".kube", ".azure", ".password-store"}
 )
 
-_NAME = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in FILE_PATTERNS))
+
+def _any_of(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+_NAME = _any_of(FILE_PATTERNS)
+_DATA_NAME = _any_of(DATA_PATTERNS)
 
 # Content: a private key or a credential of a well-known shape, anywhere in the text.
 # Each shape has literal hints: the pattern runs only over text that holds one of
@@ -112,7 +126,12 @@ def secret_name(path: str | os.PathLike[str]) -> bool:
         return False
     if any(part in DIR_NAMES for part in parts[:-1]):
         return True
-    return _NAME.fullmatch(parts[-1]) is not None
+    name = parts[-1]
+    if _NAME.fullmatch(name) is not None:
+        return True
+    return (
+        _DATA_NAME.fullmatch(name) is not None and PurePosixPath(name).suffix not in CODE_SUFFIXES
+    )
 
 
 def secret_path(path: str | os.PathLike[str]) -> bool:
