@@ -68,6 +68,11 @@ class KitPaths:
         return self.work / "site"
 
     @property
+    def parts(self) -> Path:
+        """Each stage body's JSON part (merged into the results file; not in $OUT)."""
+        return self.work / "parts"
+
+    @property
     def shim(self) -> Path:
         return self.work / "shim"
 
@@ -163,7 +168,7 @@ class Stage:
 
 def _kit(*args: str) -> Callable[[KitPaths], list[str]]:
     return lambda p: [
-        p.python, "-m", "exlsp.benchmarks.gpu_kit", *args, "--out", str(p.out),
+        p.python, "-m", "exlsp.benchmarks.gpu_kit", *args, "--out", str(p.parts),
         "--work", str(p.work),
     ]  # fmt: skip
 
@@ -472,6 +477,9 @@ _PACKAGE_DIRS = {
 
 
 def _module_file(module: str) -> Path | None:
+    if module.startswith("tests."):  # a test module importing another's helpers
+        candidate = ROOT / "tests" / f"{module.removeprefix('tests.')}.py"
+        return candidate if candidate.is_file() else None
     for pkg, folder in _PACKAGE_DIRS.items():
         if module == pkg:
             return folder / "__init__.py"
@@ -511,7 +519,7 @@ def third_party_imports(
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
             for name in names:
-                if name.startswith("exlsp."):
+                if name.startswith(("exlsp.", "tests.")):
                     if (sub := _module_file(name)) is not None:
                         todo.append((name, sub))
                     continue
@@ -763,7 +771,7 @@ def _finish(run: _Running, paths: KitPaths, results: KitResults, echo: Any) -> d
         "budget_s": run.stage.budget_s,
         "tail": text.splitlines()[-12:],
     }
-    data = _read_json(paths.out / f"{run.stage.name}.json")
+    data = _read_json(paths.parts / f"{run.stage.name}.json")
     if run.stage.collect is not None:
         with contextlib.suppress(Exception):
             data = {**data, **run.stage.collect(paths)}
@@ -779,7 +787,7 @@ def run_kit(paths: KitPaths, flags: set[str], only: Sequence[str] | None = None)
     t0 = time.monotonic()
     deadline = t0 + TOTAL_BUDGET_S
     paths.out.mkdir(parents=True, exist_ok=True)
-    paths.work.mkdir(parents=True, exist_ok=True)
+    paths.parts.mkdir(parents=True, exist_ok=True)
     make_shim(paths)
     results = KitResults(paths.out, commit=commit_info(), started=now())
     results.save()
@@ -904,7 +912,7 @@ def body_tiny(out: Path, work: Path) -> int:
     from exlsp.benchmarks.build_exl2 import build_exl2
 
     paths = KitPaths(out=out, work=work)
-    target = paths.tiny_exl2
+    target = paths.tiny_exl2  # in work/models, whatever `out` is
     data: dict[str, Any] = {}
     t0 = time.perf_counter()
     try:

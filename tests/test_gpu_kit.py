@@ -110,7 +110,8 @@ def test_an_import_the_stages_need_and_nobody_provides_is_reported() -> None:
     lock = gpu_kit.read_lock()
     image = gpu_kit.read_image_packages()
     imports = gpu_kit.third_party_imports(extra_files=gpu_kit.gpu_test_files())
-    assert {"pygls", "lsprotocol", "torch", "pytest"} <= set(imports)
+    assert {"pygls", "lsprotocol", "torch", "pytest", "pytest_lsp"} <= set(imports)
+    assert "tests.test_lsp_e2e" in imports["pytest_lsp"]  # helpers a GPU test imports
     assert not any(m == "lancedb" for m in imports), "the index is off the GPU path"
     assert gpu_kit.check_imports(lock, image, imports) == []
     without = copy.deepcopy(lock)
@@ -185,7 +186,7 @@ def test_the_real_sizes_lay_out_without_problems() -> None:
 
 
 def _py(code: str) -> object:
-    return lambda p: [sys.executable, "-c", code, str(p.out)]
+    return lambda p: [sys.executable, "-c", code, str(p.out), str(p.parts)]
 
 
 def test_each_stage_lands_in_the_results_as_it_finishes(
@@ -193,7 +194,7 @@ def test_each_stage_lands_in_the_results_as_it_finishes(
 ) -> None:
     env_part = (
         "import json, sys, pathlib; "
-        "(pathlib.Path(sys.argv[1]) / 'env.json').write_text(json.dumps({'gpu': 'Fake H100'}))"
+        "(pathlib.Path(sys.argv[2]) / 'env.json').write_text(json.dumps({'gpu': 'Fake H100'}))"
     )
     stages = (
         Stage("env", 20, "fake env", _py(env_part)),  # type: ignore[arg-type]
