@@ -101,14 +101,19 @@ class KitPaths:
 
 def nvidia_cuda_dirs() -> tuple[Path, Path] | None:
     """torch's CUDA headers and libraries from the `nvidia` pip packages (the image's
-    minimal toolkit lacks cusparse.h and others): `nvidia/cu13/{include,lib}`."""
+    minimal toolkit lacks cusparse.h and others): `nvidia/cu13/{include,lib}`, else the
+    first `nvidia/<package>/include` of the older per-package layout."""
     with contextlib.suppress(ImportError, ValueError):
         spec = importlib.util.find_spec("nvidia")
-        for base in (spec.submodule_search_locations or []) if spec else []:
+        bases = [Path(b) for b in (spec.submodule_search_locations or [])] if spec else []
+        for base in bases:
             for sub in ("cu13", "cu12"):
-                d = Path(base) / sub
-                if (d / "include").is_dir():
-                    return d / "include", d / "lib"
+                if (base / sub / "include").is_dir():
+                    return base / sub / "include", base / sub / "lib"
+        for base in bases:
+            for inc in sorted(base.glob("*/include")):
+                if (inc / "cusparse.h").is_file():
+                    return inc, inc.parent / "lib"
     return None
 
 
@@ -188,6 +193,13 @@ def _model_argv(size: str) -> Callable[[KitPaths], list[str]]:
     ]  # fmt: skip
 
 
+def _convert_argv(p: KitPaths) -> list[str]:
+    return [
+        p.python, "-m", "exlsp.benchmarks.build_exl2", "--size", "1.5b", "--bits", "4.0",
+        "--out", str(p.models / f"{FAMILY}-1.5b-converted-4.0"), "--hf-dir", str(p.hf_dir("1.5b")),
+    ]  # fmt: skip
+
+
 def _tests_argv(p: KitPaths) -> list[str]:
     tests = sorted(str(t.relative_to(ROOT)) for t in (ROOT / "tests").glob("test_gpu_*.py"))
     return [
@@ -216,6 +228,8 @@ def _collect_bench(p: KitPaths) -> dict[str, Any]:
     return _read_json(p.out / f"gpu-{BENCH_NAME}.json")
 
 
+# One row per stage, in running order. Another backend (EXL3) adds its rows: a model
+# maker, a `tests` run of its gpu-marked file, and a bench row beside exllamav2's.
 STAGES: tuple[Stage, ...] = (
     Stage("env", 30, "GPU, driver, CUDA, torch, Python, free VRAM", _kit("env")),
     Stage("wheels", 60, "install the carried wheels (no network)", _wheels_argv),
@@ -251,6 +265,15 @@ STAGES: tuple[Stage, ...] = (
         _bench_argv("1.5b"),
         _collect_bench,
         needs=("extension", "model-1.5b"),
+    ),
+    Stage(
+        "convert-1.5b",
+        150,
+        "the same model through exllamav2's converter (short calibration), timed",
+        _convert_argv,
+        lambda p: _read_json(p.models / f"{FAMILY}-1.5b-converted-4.0" / "exlsp-exl2.json"),
+        needs=("extension", "model-1.5b"),
+        flag="with_converter",
     ),
     Stage("model-7b", 120, "7B architecture, EXL2 4.0 bpw", _model_argv("7b"), flag="with_7b"),
     Stage(
@@ -624,6 +647,16 @@ def plan(paths: KitPaths, flags: set[str], out: Any = sys.stdout) -> int:
     )
     if folder is None:
         out.write(f"   {WHEELS_DIR.name}/ is not here: run benchmarks/gpu/prepare-wheels.sh\n")
+    tree = working_tree_bytes()
+    if tree is not None:
+        total = tree + report["bytes"]
+        out.write(
+            f"travels: working tree {tree / 2**20:.1f} MiB + wheels "
+            f"{report['bytes'] / 2**20:.1f} MiB = {total / 2**20:.1f} MiB of 64 MiB\n"
+        )
+        if total > CARRY_LIMIT_BYTES:
+            out.write("   FAIL over the travel limit\n")
+            failures += 1
     for key in ("missing", "version_conflicts", "duplicates", "folder"):
         for line in report[key]:
             out.write(f"   FAIL {key}: {line}\n")
@@ -652,6 +685,35 @@ def plan(paths: KitPaths, flags: set[str], out: Any = sys.stdout) -> int:
             failures += 1
     out.write("plan: ok\n" if not failures else f"plan: {failures} failures\n")
     return 1 if failures else 0
+
+
+def working_tree_bytes() -> int | None:
+    """Bytes of what travels besides the carried paths: tracked files and untracked ones
+    git does not ignore (None without git)."""
+    try:
+        listed = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(ROOT),
+                "ls-files",
+                "-z",
+                "--cached",
+                "--others",
+                "--exclude-standard",
+            ],
+            capture_output=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    total = 0
+    for name in listed.decode("utf-8", "replace").split("\0"):
+        with contextlib.suppress(OSError):
+            if name:
+                total += (ROOT / name).lstat().st_size
+    return total
 
 
 def gpu_test_files() -> list[Path]:
@@ -948,9 +1010,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/exlsp-kit"))
     parser.add_argument("--with-7b", action="store_true", help="also the 7B architecture")
+    parser.add_argument(
+        "--with-converter",
+        action="store_true",
+        help="also time exllamav2's converter on the 1.5B model",
+    )
     parser.add_argument("--only", nargs="+", help="run only these stages")
     args = parser.parse_args(argv)
-    flags = {"with_7b"} if args.with_7b else set()
+    flags = {f for f in ("with_7b", "with_converter") if getattr(args, f)}
     python = os.environ.get("EXLSP_KIT_PYTHON") or sys.executable
     paths = KitPaths(out=args.out.resolve(), work=args.work, python=python)
     command = "plan" if args.dry_run else args.command

@@ -36,7 +36,7 @@ TINY = {
 
 def test_the_plan_prints_every_stage_and_its_checks_pass(tmp_path: Path) -> None:
     out = io.StringIO()
-    rc = gpu_kit.plan(KitPaths(out=tmp_path), {"with_7b"}, out)
+    rc = gpu_kit.plan(KitPaths(out=tmp_path), {"with_7b", "with_converter"}, out)
     text = out.getvalue()
     assert rc == 0, text
     for stage in gpu_kit.STAGES:
@@ -45,6 +45,14 @@ def test_the_plan_prints_every_stage_and_its_checks_pass(tmp_path: Path) -> None
     assert "imports of the GPU stages: 0 unresolved" in text
     assert "EXL2 writer 1.5b: 1127 tensors" in text and "0 layout problems" in text
     assert "plan: ok" in text
+    assert "travels: working tree" in text
+
+
+def test_flagged_stages_run_only_with_their_flag() -> None:
+    plain = [s.name for s in gpu_kit.selected_stages(set())]
+    assert "model-7b" not in plain and "convert-1.5b" not in plain
+    assert plain[:2] == ["env", "wheels"] and "bench-1.5b" in plain
+    assert "bench-7b" in [s.name for s in gpu_kit.selected_stages({"with_7b"})]
 
 
 def test_run_sh_plan_runs_through_the_shim() -> None:

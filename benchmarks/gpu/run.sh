@@ -5,6 +5,7 @@
 #     bash benchmarks/gpu/run.sh             # there, with .gpu-wheels carried
 #     bash benchmarks/gpu/run.sh --plan      # anywhere: stages, commands, budgets, checks
 #     bash benchmarks/gpu/run.sh --with-7b   # also the 7B architecture, if time is left
+#     bash benchmarks/gpu/run.sh --with-converter  # also time exllamav2's converter on 1.5B
 #
 # `exlsp.*` is imported from the checkout's folders through a shim (the project is not
 # installed there). PYTHON picks the interpreter (default python3: the image's, with torch).
