@@ -948,8 +948,19 @@ def body_env(out: Path) -> int:
 
 def body_extension(out: Path) -> int:
     """Stage 3: import exllamav2, which JIT-compiles its CUDA extension; timed."""
-    from exlsp.completion.backends.exllamav2_backend import extension_build_dir, import_exllamav2
+    from exlsp.completion.backends.exllamav2_backend import (
+        _lock_holder_alive,
+        extension_build_dir,
+        import_exllamav2,
+    )
 
+    # A build this kit started earlier on this machine and `timeout` killed leaves its
+    # lock; torch would wait on it forever. Nothing else builds here: remove it when no
+    # live process holds it, and ninja resumes from the objects already compiled.
+    lock = extension_build_dir() / "lock"
+    resumed = lock.is_file() and _lock_holder_alive(lock) is False
+    if resumed:
+        lock.unlink()
     t0 = time.perf_counter()
     exl = import_exllamav2()
     from exllamav2 import ext  # noqa: F401  (the extension module itself)
@@ -958,6 +969,7 @@ def body_extension(out: Path) -> int:
         "exllamav2": getattr(exl, "__version__", None),
         "build_s": round(time.perf_counter() - t0, 1),
         "build_dir": str(extension_build_dir()),
+        "resumed_after_a_killed_build": resumed,
         "max_jobs": os.environ.get("MAX_JOBS"),
         "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST"),
     }

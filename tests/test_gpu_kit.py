@@ -245,3 +245,31 @@ def test_junit_summary_counts_outcomes(tmp_path: Path) -> None:
     summary = gpu_kit.junit_summary(xml)
     assert summary["counts"] == {"passed": 1, "failure": 1, "skipped": 1}
     assert summary["tests"]["a::bad"] == "failure: boom"
+
+
+def test_the_extension_stage_clears_a_lock_left_by_a_killed_build_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import types as pytypes
+
+    fake = pytypes.ModuleType("exllamav2")
+    fake.__version__ = "0.3.2"  # type: ignore[attr-defined]
+    fake.ext = pytypes.ModuleType("exllamav2.ext")  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "exllamav2", fake)
+    monkeypatch.setitem(sys.modules, "exllamav2.ext", fake.ext)  # type: ignore[attr-defined]
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    lock = tmp_path / "ext" / "exllamav2_ext" / "lock"
+    lock.parent.mkdir(parents=True)
+    out = tmp_path / "parts"
+    out.mkdir()
+
+    lock.write_text("")
+    with lock.open():  # a live build holds it: left alone
+        assert gpu_kit.body_extension(out) == 0
+    assert lock.exists()
+    assert json.loads((out / "extension.json").read_text())["resumed_after_a_killed_build"] is False
+
+    assert gpu_kit.body_extension(out) == 0  # nobody holds it: a killed build's
+    assert not lock.exists()
+    data = json.loads((out / "extension.json").read_text())
+    assert data["resumed_after_a_killed_build"] is True and data["exllamav2"] == "0.3.2"
