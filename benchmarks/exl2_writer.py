@@ -401,7 +401,9 @@ def _tensor_data(spec: TensorSpec, rng: Any) -> Iterator[bytes]:
             yield (chunk * 0.02).astype(np.float16).tobytes()
 
 
-def write_safetensors(path: Path, specs: Sequence[TensorSpec], rng: Any) -> int:
+def write_safetensors(
+    path: Path, specs: Sequence[TensorSpec], rng: Any, *, header_only: bool = False
+) -> int:
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for spec in specs:
@@ -417,7 +419,7 @@ def write_safetensors(path: Path, specs: Sequence[TensorSpec], rng: Any) -> int:
     with tmp.open("wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for spec in specs:
+        for spec in [] if header_only else specs:
             written = 0
             for chunk in _tensor_data(spec, rng):
                 f.write(chunk)
@@ -447,6 +449,7 @@ def write_exl2(
     head_bits: int = 6,
     seed: int = 0,
     files_from: Path | None = None,
+    header_only: bool = False,
 ) -> Path:
     """Write the EXL2 model of `config` (a Hugging Face config.json dict) to `out_dir`;
     tokenizer and generation files are copied from `files_from`."""
@@ -459,7 +462,9 @@ def write_exl2(
     problems = check_exl2_tensors(config, {s.name: (s.dtype, s.shape) for s in specs})
     if problems:
         raise Exl2LayoutError("; ".join(problems[:5]))
-    size = write_safetensors(out / "output.safetensors", specs, np.random.default_rng(seed))
+    size = write_safetensors(
+        out / "output.safetensors", specs, np.random.default_rng(seed), header_only=header_only
+    )
     exl_config = dict(config)
     params = exl_config.get("rope_parameters")
     if "rope_theta" not in exl_config and isinstance(params, dict) and "rope_theta" in params:
@@ -517,6 +522,70 @@ def check_exl2_dir(model_dir: Path) -> list[str]:
     return problems
 
 
+def exllamav2_source_check(model_dir: Path, source: Path) -> list[str]:
+    """exllamav2's own Python on the CPU, its CUDA extension stubbed out: `ExLlamaV2Config`
+    reads the directory (config.json, safetensors headers, the expected-keys check of
+    `prepare`), `ExLlamaV2(config)` lays out the modules, and each linear's key,
+    features and bias are compared with the tensors. `source` is an exllamav2 wheel or
+    the folder holding the `exllamav2` package. Run it in its own process: it leaves
+    a stubbed `exllamav2` in `sys.modules`."""
+    import importlib
+    import tempfile
+    import types
+    import zipfile
+
+    import torch
+
+    if source.suffix == ".whl":
+        root = Path(tempfile.mkdtemp(prefix="exllamav2-src-"))
+        with zipfile.ZipFile(source) as z:
+            z.extractall(root, [n for n in z.namelist() if n.startswith("exllamav2/")])
+        source = root
+    pkg = types.ModuleType("exllamav2")
+    pkg.__path__ = [str(source / "exllamav2")]
+    ext = types.ModuleType("exllamav2.ext")
+
+    class _NoExtension:
+        def __getattr__(self, name: str) -> Any:
+            return lambda *args, **kwargs: None
+
+    ext.exllamav2_ext = _NoExtension()  # type: ignore[attr-defined]
+    ext.none_tensor = torch.empty((1, 1), device="meta")  # type: ignore[attr-defined]
+    sys.modules["exllamav2"] = pkg
+    sys.modules["exllamav2.ext"] = ext
+    pkg.ext = ext  # type: ignore[attr-defined]
+    try:
+        config_mod = importlib.import_module("exllamav2.config")
+        model_mod = importlib.import_module("exllamav2.model")
+        linear_mod = importlib.import_module("exllamav2.linear")
+        config = config_mod.ExLlamaV2Config(str(model_dir))  # runs prepare()
+        config.arch_compat_overrides(quiet=True)
+        model = model_mod.ExLlamaV2(config)
+    except Exception as e:
+        return [f"exllamav2 rejects {model_dir}: {type(e).__name__}: {e}"]
+    table = read_tensor_table(model_dir)
+    problems: list[str] = []
+    linears = [m for m in model.modules_dict.values() if isinstance(m, linear_mod.ExLlamaV2Linear)]
+    if not linears:
+        problems.append("exllamav2 laid out no linear layers")
+    for lin in linears:
+        key = lin.key if f"{lin.key}.q_weight" in config.tensor_file_map else lin.alt_key
+        if key is None or f"{key}.q_weight" not in config.tensor_file_map:
+            problems.append(f"{lin.key}: not EXL2 (load_weight would not find {lin.key}.q_weight)")
+            continue
+        q_weight = table[f"{key}.q_weight"][1]
+        inv = table.get(f"{key}.q_invperm", ("", ()))[1]
+        if tuple(inv) != (lin.in_features,):
+            problems.append(f"{key}: q_invperm {tuple(inv)}, exllamav2 has {lin.in_features} in")
+        if q_weight[1] != lin.out_features:
+            problems.append(f"{key}: {q_weight[1]} columns, exllamav2 has {lin.out_features} out")
+        if (f"{key}.bias" in table) != bool(lin.has_bias):
+            problems.append(
+                f"{key}: bias {f'{key}.bias' in table}, exllamav2 expects {lin.has_bias}"
+            )
+    return problems
+
+
 def read_tensor_table_file(path: Path) -> list[str]:
     from exlsp.completion.backends.exllamav2_backend import read_safetensors_header
 
@@ -551,11 +620,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--family", default="qwen2.5-coder")
     parser.add_argument("--size", default="1.5b")
     parser.add_argument("--bits", type=float, default=4.0)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--out", type=Path, help="the EXL2 model folder (needed unless --source-check)"
+    )
     parser.add_argument("--hf-dir", type=Path, default=None)
     parser.add_argument("--check", action="store_true", help="only check an existing directory")
+    parser.add_argument(
+        "--source-check",
+        type=Path,
+        metavar="WHEEL",
+        help="lay out --size (headers only, in a temporary folder) and read it with "
+        "exllamav2's own Python from this wheel, its CUDA extension stubbed",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.source_check:
+        import tempfile
+
+        from exlsp.benchmarks.gpu_kit import writer_config
+
+        with tempfile.TemporaryDirectory(prefix="exl2-layout-") as tmp:
+            folder = write_exl2(Path(tmp) / args.size, writer_config(args.size), header_only=True)
+            problems = exllamav2_source_check(folder, args.source_check)
+        for p in problems:
+            print(p)
+        print(f"{args.size}: {len(problems)} problems with exllamav2's own loader code")
+        return 1 if problems else 0
+    if args.out is None:
+        parser.error("--out is needed")
     if args.check:
         problems = check_exl2_dir(args.out)
         for p in problems:

@@ -482,7 +482,12 @@ OPTIONAL_IMPORTS = {
     "tree_sitter": "completion.assist_syntax: a missing grammar only turns hover/refactor off",
 }
 NOT_ON_GPU_PATH = {
-    "exlsp.index": "the kit runs the server with index.enabled false",
+    # server/features/indexing.py imports these only with index.enabled, which the kit
+    # turns off (lancedb, tree-sitter and the embedding model stay home);
+    # exlsp.index.config, which server/config.py imports, is followed.
+    "exlsp.index.service": "imported only with index.enabled (the kit turns it off)",
+    "exlsp.index.retrieve": "imported only with index.enabled (the kit turns it off)",
+    "exlsp.index.cli": "`exlsp index` / `exlsp search` are not run by the kit",
     "exlsp.server.doctor": "`exlsp doctor` is not run by the kit",
     "exlsp.completion.backends.openai_backend": "the openai backend is not run by the kit",
     "exlsp.benchmarks.build_gguf": "not run by the kit",
@@ -569,26 +574,34 @@ def check_imports(
 # --- the EXL2 layout ---------------------------------------------------------------------------
 
 
+def writer_config(size: str) -> dict[str, Any]:
+    """The config.json fields of a `build_model` size that the EXL2 layout depends on."""
+    from exlsp.benchmarks.build_model import SIZES
+
+    spec = SIZES[size]
+    tied = spec.tie_word_embeddings
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": spec.hidden_size,
+        "num_hidden_layers": spec.num_hidden_layers,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_key_value_heads,
+        "intermediate_size": spec.intermediate_size,
+        "vocab_size": spec.vocab_size,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True if tied is None else tied,
+    }
+
+
 def check_writer_layouts(sizes: Sequence[str] = ("tiny", "1.5b", "7b")) -> dict[str, Any]:
     """The writer's tensor table of each size against the loader's rules (no file written)."""
     from exlsp.benchmarks import exl2_writer
-    from exlsp.benchmarks.build_model import SIZES
 
     out: dict[str, Any] = {}
     for size in sizes:
-        spec = SIZES[size]
-        config = {
-            "architectures": ["Qwen2ForCausalLM"],
-            "hidden_size": spec.hidden_size,
-            "num_hidden_layers": spec.num_hidden_layers,
-            "num_attention_heads": spec.num_attention_heads,
-            "num_key_value_heads": spec.num_key_value_heads,
-            "intermediate_size": spec.intermediate_size,
-            "vocab_size": spec.vocab_size,
-            "tie_word_embeddings": bool(spec.tie_word_embeddings)
-            if spec.tie_word_embeddings is not None
-            else True,
-        }
+        config = writer_config(size)
         specs = exl2_writer.tensor_specs(config)
         linears = exl2_writer.linear_specs(config)
         problems = exl2_writer.check_exl2_tensors(
@@ -683,6 +696,23 @@ def plan(paths: KitPaths, flags: set[str], out: Any = sys.stdout) -> int:
         for p in row["problems"][:10]:
             out.write(f"   FAIL layout: {p}\n")
             failures += 1
+    wheel = next(iter(sorted(WHEELS_DIR.glob("exllamav2-*.whl"))), None)
+    if wheel is None or importlib.util.find_spec("torch") is None:
+        out.write("exllamav2's own loader code: skipped (needs the exllamav2 wheel and torch)\n")
+    else:
+        for size in ("tiny", "1.5b", "7b"):
+            argv = [sys.executable, "-m", "exlsp.benchmarks.exl2_writer", "--size", size]
+            r = subprocess.run(
+                [*argv, "--source-check", str(wheel)], capture_output=True, text=True, timeout=300
+            )
+            lines = (r.stdout or r.stderr).strip().splitlines()
+            out.write(
+                f"exllamav2's own loader code, {size}: {lines[-1] if lines else r.returncode}\n"
+            )
+            if r.returncode:
+                failures += 1
+                for line in lines[:-1][:10]:
+                    out.write(f"   FAIL {line}\n")
     out.write("plan: ok\n" if not failures else f"plan: {failures} failures\n")
     return 1 if failures else 0
 

@@ -120,7 +120,8 @@ def test_an_import_the_stages_need_and_nobody_provides_is_reported() -> None:
     imports = gpu_kit.third_party_imports(extra_files=gpu_kit.gpu_test_files())
     assert {"pygls", "lsprotocol", "torch", "pytest", "pytest_lsp"} <= set(imports)
     assert "tests.test_lsp_e2e" in imports["pytest_lsp"]  # helpers a GPU test imports
-    assert not any(m == "lancedb" for m in imports), "the index is off the GPU path"
+    assert "lancedb" not in imports, "the index is off on the GPU path"
+    assert "pathspec" not in imports and "watchdog" not in imports
     assert gpu_kit.check_imports(lock, image, imports) == []
     without = copy.deepcopy(lock)
     without["wheels"] = [w for w in lock["wheels"] if w["name"] != "pygls"]
@@ -273,3 +274,38 @@ def test_the_extension_stage_clears_a_lock_left_by_a_killed_build_only(
     assert not lock.exists()
     data = json.loads((out / "extension.json").read_text())
     assert data["resumed_after_a_killed_build"] is True and data["exllamav2"] == "0.3.2"
+
+
+_SOURCE_CHECK = """
+import sys, tempfile
+from pathlib import Path
+from exlsp.benchmarks import exl2_writer as w
+from exlsp.benchmarks.gpu_kit import writer_config
+if sys.argv[2] == "no-bias":  # a writer that forgets Qwen2's q/k/v bias
+    w._qkv_bias = lambda config: False
+folder = w.write_exl2(Path(tempfile.mkdtemp()) / "m", writer_config("tiny"), header_only=True)
+for problem in w.exllamav2_source_check(folder, Path(sys.argv[1])):
+    print("PROBLEM", problem)
+"""
+
+
+@pytest.mark.skipif(
+    not list(gpu_kit.WHEELS_DIR.glob("exllamav2-*.whl")),
+    reason="needs .gpu-wheels/ (bash benchmarks/gpu/prepare-wheels.sh)",
+)
+def test_exllamav2s_own_loader_code_reads_the_writers_layout() -> None:
+    wheel = sorted(gpu_kit.WHEELS_DIR.glob("exllamav2-*.whl"))[0]
+
+    def problems(variant: str) -> list[str]:
+        r = subprocess.run(
+            [sys.executable, "-c", _SOURCE_CHECK, str(wheel), variant],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr
+        return [line[8:] for line in r.stdout.splitlines() if line.startswith("PROBLEM ")]
+
+    assert problems("as-written") == []
+    broken = problems("no-bias")
+    assert "model.layers.0.self_attn.k_proj: bias False, exllamav2 expects True" in broken
