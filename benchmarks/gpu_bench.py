@@ -65,6 +65,8 @@ GENERATED = 32
 MIN_PROMPT = 4096
 MIN_SNIPPETS = 1024
 SECTIONS = ("raw", "replay", "modes", "ngram", "cancel", "transformers", "lsp")
+# Where the transformers comparison runs (the CPU flow test moves it off the GPU).
+HF_DEVICE, HF_DTYPE = "cuda", "float16"
 
 
 # --- prompts -------------------------------------------------------------------------
@@ -428,7 +430,7 @@ def bench_size(size: str, args: argparse.Namespace, results: Results) -> None:
             from exlsp.completion.backends.transformers_backend import TransformersBackend
 
             hf = TransformersBackend(
-                ModelConfig(path=str(hf_dir), device="cuda", dtype="float16"), hf_dir
+                ModelConfig(path=str(hf_dir), device=HF_DEVICE, dtype=HF_DTYPE), hf_dir
             )
             try:
                 return {
@@ -440,7 +442,8 @@ def bench_size(size: str, args: argparse.Namespace, results: Results) -> None:
                 hf.close()
                 import torch
 
-                torch.cuda.empty_cache()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
         _guarded(results, size, "d_transformers_fp16", transformers)
     if "lsp" in only:
@@ -543,6 +546,12 @@ def print_table(data: dict[str, Any], out: Any = sys.stdout) -> None:
             out.write(f"{s}: exllamav2 decodes {exl / hf:.1f}x faster than transformers fp16\n")
 
 
+def _cuda_ok() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m exlsp.benchmarks.gpu_bench", description=__doc__.split("\n")[0]
@@ -567,9 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    import torch
-
-    if not torch.cuda.is_available():
+    if not _cuda_ok():
         print("gpu_bench needs a CUDA GPU", file=sys.stderr)
         return 2
     info = machine_info((*PACKAGES, "flash-attn"))
