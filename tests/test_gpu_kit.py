@@ -113,6 +113,11 @@ def test_a_requirement_neither_carried_nor_in_the_image_is_reported() -> None:
     doubled["wheels"].append(dict(lock["wheels"][0]))
     assert gpu_kit.check_wheels(doubled, image)["duplicates"]
 
+    image_has_it = copy.deepcopy(lock)
+    row = {"name": "numpy", "version": "2.5.2", "requires_dist": [], "bytes": 1, "imports": []}
+    image_has_it["wheels"].append(row)
+    assert gpu_kit.check_wheels(image_has_it, image)["carried_image"] == ["numpy"]
+
 
 def test_an_import_the_stages_need_and_nobody_provides_is_reported() -> None:
     lock = gpu_kit.read_lock()
