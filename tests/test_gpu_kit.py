@@ -217,6 +217,7 @@ def test_each_stage_lands_in_the_results_as_it_finishes(
         Stage("after-hang", 20, "needs the killed one", _py("pass"), needs=("hangs",)),  # type: ignore[arg-type]
         Stage("after-bg", 20, "waits for the background", _py("print('done')"), needs=("slow-bg",)),  # type: ignore[arg-type]
         Stage("flagged", 20, "only with a flag", _py("pass"), flag="with_7b"),  # type: ignore[arg-type]
+        Stage("all-skipped", 20, "rc 0, judged", _py("pass"), judge=lambda d: "nothing-passed"),  # type: ignore[arg-type]
     )
     monkeypatch.setattr(gpu_kit, "STAGES", stages)
     monkeypatch.setattr(gpu_kit, "RESULTS_DIR", tmp_path / "results")
@@ -234,6 +235,7 @@ def test_each_stage_lands_in_the_results_as_it_finishes(
     assert stages_out["slow-bg"]["status"] == "ok"
     assert stages_out["after-bg"]["status"] == "ok" and stages_out["after-bg"]["tail"] == ["done"]
     assert "flagged" not in stages_out
+    assert stages_out["all-skipped"]["status"] == "nothing-passed"
     assert (tmp_path / "results" / "gpu-kit-fake-h100.json").is_file()
     log = (paths.out / gpu_kit.LOG_NAME).read_text()
     assert "===== hangs (rc 124" in log
@@ -314,3 +316,10 @@ def test_exllamav2s_own_loader_code_reads_the_writers_layout() -> None:
     assert problems("as-written") == []
     broken = problems("no-bias")
     assert "model.layers.0.self_attn.k_proj: bias False, exllamav2 expects True" in broken
+
+
+def test_a_tests_stage_where_nothing_passed_is_not_ok() -> None:
+    stage = next(s for s in gpu_kit.STAGES if s.name == "tests")
+    assert stage.judge({"counts": {"skipped": 6}}) == "nothing-passed"
+    assert stage.judge({}) == "nothing-passed"
+    assert stage.judge({"counts": {"passed": 5, "skipped": 1}}) is None
