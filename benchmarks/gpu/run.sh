@@ -7,6 +7,11 @@
 #     bash benchmarks/gpu/run.sh --with-7b   # also the 7B architecture, if time is left
 #     bash benchmarks/gpu/run.sh --with-converter  # also time exllamav2's converter on 1.5B
 #
+# A lent machine gets it as one call: command `bash benchmarks/gpu/run.sh`, carry
+# [".gpu-wheels"] (prepare-wheels.sh fills it), timeout 600 s. $OUT comes back with
+# gpu-kit.json (commit it as benchmarks/results/gpu-kit-<gpu>.json), kit.log,
+# tests.xml and gpu-bench.json. Where the tree has no .git, EXLSP_COMMIT=<sha> names it.
+#
 # `exlsp.*` is imported from the checkout's folders through a shim (the project is not
 # installed there). PYTHON picks the interpreter (default python3: the image's, with torch).
 set -u
