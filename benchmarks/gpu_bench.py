@@ -17,48 +17,14 @@ Results go to `benchmarks/results/gpu-<name>.json` (GPU, driver, torch and
 exllamav2 versions, commit, date); each section is written as soon as it is
 done, and a later run with `--only` merges into the same file.
 
-Commands for a GPU machine (H100/H200; exllamav2 and fastparquet are not in its
-image and it cannot download, so the wheels travel with the working tree):
-
-Here, once (the wheels folder is ignored by git):
-
-    echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \\
-        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \\
-        --platform manylinux2014_x86_64 -d .whl \\
-        exllamav2==0.3.2 fastparquet cramjam pygls==2.1.1 lsprotocol==2025.0.0 cattrs \\
-        pytest-asyncio pytest-lsp platformdirs
-
-There, at the start of every command (carry `.whl`):
-
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    mkdir -p /tmp/shim/exlsp && for d in completion server index benchmarks; do
-        ln -sfn $PWD/$d /tmp/shim/exlsp/$d; done        # `exlsp.*` without installing
-    export PYTHONPATH=/tmp/site:/tmp/shim
-    NV=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')
-    export CPATH=$NV/include LIBRARY_PATH=$NV/lib TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
-    export TORCH_EXTENSIONS_DIR=/tmp/torch_ext PYTHONUNBUFFERED=1
-
-1. Build exllamav2's CUDA extension (minutes, once per machine):
-
-    python3 -c 'import exllamav2, exllamav2.ext; print("ok", exllamav2.__version__)'
-
-2. The GPU tests (they build and convert the tiny model themselves):
-
-    python3 -m pytest -m gpu tests/test_gpu_exllamav2.py -q -rs
-
-3. Build the EXL2 models (a run stopped by the 10-minute limit resumes when
-   repeated; the HF builds are kept for the transformers comparison):
-
-    python3 -m exlsp.benchmarks.build_exl2 --size 1.5b --bits 4.0 \\
-        --out /tmp/models/qwen2.5-coder-1.5b-exl2-4.0 --hf-dir /tmp/models/qwen2.5-coder-1.5b-hf
-    python3 -m exlsp.benchmarks.build_exl2 --size 7b --bits 4.0 \\
-        --out /tmp/models/qwen2.5-coder-7b-exl2-4.0 --hf-dir /tmp/models/qwen2.5-coder-7b-hf
-
-4. The benchmark (split with --sizes/--only to fit the 10-minute limit):
-
-    python3 -m exlsp.benchmarks.gpu_bench --models-dir /tmp/models --sizes 1.5b 7b \\
-        --results-dir $OUT
+On a lent GPU machine, `bash benchmarks/gpu/run.sh` (benchmarks/gpu_kit.py) runs
+this benchmark as its last stage, after installing the carried wheels, building
+exllamav2's extension, running the gpu-marked tests and writing the model; its
+`--plan` prints every command. By default the EXL2 model comes from
+`exl2_writer` (random packed weights, seconds); `--maker converter` runs
+exllamav2's converter instead (`build_exl2`). `--no-index` runs the language
+server with its workspace index off (the GPU image lacks the index's packages);
+the prompt is then filled by a longer prefix window.
 
 Random weights are valid for timing because the generated length is forced;
 they make n-gram drafts rarely accepted, so the n-gram rows measure the cost
@@ -99,6 +65,8 @@ GENERATED = 32
 MIN_PROMPT = 4096
 MIN_SNIPPETS = 1024
 SECTIONS = ("raw", "replay", "modes", "ngram", "cancel", "transformers", "lsp")
+# Where the transformers comparison runs (the CPU flow test moves it off the GPU).
+HF_DEVICE, HF_DTYPE = "cuda", "float16"
 
 
 # --- prompts -------------------------------------------------------------------------
@@ -188,6 +156,7 @@ def _summary(values: Sequence[float]) -> dict[str, float]:
     return {
         "median": round(statistics.median(ordered), 3),
         "p90": round(ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 3),
+        "p95": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 3),
         "mean": round(statistics.fmean(ordered), 3),
         "max": round(ordered[-1], 3),
     }
@@ -323,7 +292,9 @@ def cancel_latency(backend: Any, prompt: list[int], trials: int = 5) -> dict[str
     return out
 
 
-def lsp_replay(model_dir: Path, backend: str, keystrokes: int, *, reuse: bool) -> dict[str, Any]:
+def lsp_replay(
+    model_dir: Path, backend: str, keystrokes: int, *, reuse: bool, index: bool = True
+) -> dict[str, Any]:
     """The typing replay through the language server (benchmarks/latency.py)."""
     from exlsp.benchmarks.latency import run_replay
 
@@ -341,13 +312,15 @@ def lsp_replay(model_dir: Path, backend: str, keystrokes: int, *, reuse: bool) -
         },
         "completion": {
             "kvReuse": reuse,
-            "prefixTokens": 2800,
+            # Without the index there are no snippets: a longer prefix keeps 4k prompts.
+            "prefixTokens": 2800 if index else 3900,
             "suffixTokens": 400,
             "snippetTokens": 1100,
             "maxTokens": GENERATED,
             "maxTokensSingleLine": GENERATED,
             "deadlineMs": 20000,
         },
+        "index": {"enabled": index},
     }
     server_cmd = [sys.executable, "-m", "exlsp.server", "serve"]
     result = run_replay(
@@ -399,13 +372,15 @@ def _drop_private(d: dict[str, Any]) -> dict[str, Any]:
 
 def bench_size(size: str, args: argparse.Namespace, results: Results) -> None:
     from exlsp.benchmarks.build_exl2 import build_exl2
+    from exlsp.benchmarks.exl2_writer import ensure_exl2_direct
     from exlsp.completion.backends.exllamav2_backend import load_exllamav2_backend
 
     only = set(args.only or SECTIONS)
     models = Path(args.models_dir)
     exl2_dir = models / f"{FAMILY}-{size}-exl2-{args.bits}"
     hf_dir = models / f"{FAMILY}-{size}-hf"
-    exl2_dir = build_exl2(FAMILY, size, exl2_dir, args.bits, hf_dir=hf_dir)
+    make = ensure_exl2_direct if args.maker == "writer" else build_exl2
+    exl2_dir = make(FAMILY, size, exl2_dir, args.bits, hf_dir=hf_dir)
     config = ModelConfig(
         path=str(exl2_dir), backend="exllamav2", cacheType=args.cache_type, maxSeqLen=8192
     )
@@ -448,6 +423,38 @@ def bench_size(size: str, args: argparse.Namespace, results: Results) -> None:
             _guarded(results, size, "cancel_latency", lambda: cancel_latency(backend, long_prompt))
     finally:
         backend.close()
+    if "transformers" in only:
+        hf_prompts = prompts[: args.hf_keystrokes]
+
+        def transformers() -> dict[str, Any]:
+            from exlsp.completion.backends.transformers_backend import TransformersBackend
+
+            hf = TransformersBackend(
+                ModelConfig(path=str(hf_dir), device=HF_DEVICE, dtype=HF_DTYPE), hf_dir
+            )
+            try:
+                return {
+                    "throughput": backend_throughput(hf, long_prompt),
+                    "replay_reuse_on": _drop_private(replay(hf, hf_prompts, reuse=True)),
+                    "replay_reuse_off": _drop_private(replay(hf, hf_prompts, reuse=False)),
+                }
+            finally:
+                hf.close()
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+        _guarded(results, size, "d_transformers_fp16", transformers)
+    if "lsp" in only:
+        for reuse in (True, False):
+
+            def lsp(reuse: bool = reuse) -> dict[str, Any]:
+                return lsp_replay(
+                    exl2_dir, "exllamav2", args.keystrokes, reuse=reuse, index=not args.no_index
+                )
+
+            _guarded(results, size, f"lsp_replay_reuse_{'on' if reuse else 'off'}", lsp)
     if "ngram" in only:
 
         def ngram() -> dict[str, Any]:
@@ -479,34 +486,6 @@ def bench_size(size: str, args: argparse.Namespace, results: Results) -> None:
                 dyn.close()
 
         _guarded(results, size, "mode_dynamic_reuse_on", dynamic)
-    if "transformers" in only:
-
-        def transformers() -> dict[str, Any]:
-            from exlsp.completion.backends.transformers_backend import TransformersBackend
-
-            hf = TransformersBackend(
-                ModelConfig(path=str(hf_dir), device="cuda", dtype="float16"), hf_dir
-            )
-            try:
-                return {
-                    "throughput": backend_throughput(hf, long_prompt),
-                    "replay_reuse_on": _drop_private(replay(hf, prompts, reuse=True)),
-                    "replay_reuse_off": _drop_private(replay(hf, prompts, reuse=False)),
-                }
-            finally:
-                hf.close()
-                import torch
-
-                torch.cuda.empty_cache()
-
-        _guarded(results, size, "d_transformers_fp16", transformers)
-    if "lsp" in only:
-        for reuse in (True, False):
-
-            def lsp(reuse: bool = reuse) -> dict[str, Any]:
-                return lsp_replay(exl2_dir, "exllamav2", args.keystrokes, reuse=reuse)
-
-            _guarded(results, size, f"lsp_replay_reuse_{'on' if reuse else 'off'}", lsp)
 
 
 def _get(d: Any, *keys: str) -> Any:
@@ -567,6 +546,12 @@ def print_table(data: dict[str, Any], out: Any = sys.stdout) -> None:
             out.write(f"{s}: exllamav2 decodes {exl / hf:.1f}x faster than transformers fp16\n")
 
 
+def _cuda_ok() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m exlsp.benchmarks.gpu_bench", description=__doc__.split("\n")[0]
@@ -576,14 +561,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bits", type=float, default=4.0)
     parser.add_argument("--cache-type", default="fp16", choices=["fp16", "q8", "q6", "q4"])
     parser.add_argument("--keystrokes", type=int, default=50)
+    parser.add_argument(
+        "--hf-keystrokes", type=int, default=20, help="keystrokes of the transformers replays"
+    )
     parser.add_argument("--only", nargs="+", choices=SECTIONS)
+    parser.add_argument(
+        "--maker",
+        choices=["writer", "converter"],
+        default="writer",
+        help="EXL2 model by exl2_writer (seconds) or exllamav2's converter (minutes)",
+    )
+    parser.add_argument("--no-index", action="store_true", help="LSP replay with the index off")
     parser.add_argument("--name", help="results file name: gpu-<name>.json (default: the GPU)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    import torch
-
-    if not torch.cuda.is_available():
+    if not _cuda_ok():
         print("gpu_bench needs a CUDA GPU", file=sys.stderr)
         return 2
     info = machine_info((*PACKAGES, "flash-attn"))
