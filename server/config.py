@@ -130,5 +130,9 @@ def merge(obj: Any, wire: Any, path: str = "") -> tuple[Any, list[str]]:
     return dataclasses.replace(obj, **changes), errors
 
 
+# The log file's lines (`--log-file`, `logging.file`).
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def level_number(level: str) -> int:
     return int(logging.getLevelName(level.upper()))

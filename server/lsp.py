@@ -8,6 +8,7 @@ import contextvars
 import gc
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -33,7 +34,7 @@ from pygls.uris import to_fs_path
 
 from exlsp.completion.service import CompletionService
 from exlsp.completion.types import CompletionResult, DocumentView, Trigger
-from exlsp.server.config import Config, level_number
+from exlsp.server.config import LOG_FORMAT, Config, level_number
 from exlsp.server.documents import DocumentStore, PositionError
 
 log = logging.getLogger(__name__)
@@ -301,6 +302,8 @@ class ExlspServer(LanguageServer):
         self._prompt_paths: dict[tuple[str, str | None], str] = {}
         self.exit_code = 0
         self.client_log = ClientLogHandler(self)
+        self.log_file: logging.FileHandler | None = None  # from `logging.file`
+        self.log_file_from_command_line = False
         self.client_log.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
 
     # -- transport ----------------------------------------------------------------
@@ -555,11 +558,38 @@ class ExlspServer(LanguageServer):
         )
 
     def apply_logging(self) -> None:
+        """The configured level, the client's log, and `logging.file` (unless the
+        command line's `--log-file` fixed the file: it takes precedence)."""
         root = logging.getLogger("exlsp")
         root.setLevel(level_number(self.config.logging.level))
         self.client_log.setLevel(max(logging.INFO, level_number(self.config.logging.level)))
         if self.client_log not in root.handlers:
             root.addHandler(self.client_log)
+        if not self.log_file_from_command_line:
+            self._open_log_file(self.config.logging.file)
+
+    def _open_log_file(self, name: str) -> None:
+        path = str(Path(name).expanduser()) if name else ""
+        old = self.log_file
+        if old is not None and old.baseFilename == (os.path.abspath(path) if path else ""):
+            return
+        root = logging.getLogger("exlsp")
+        if old is not None:
+            root.removeHandler(old)
+            old.close()
+            self.log_file = None
+        if not path:
+            return
+        try:
+            handler = logging.FileHandler(path, encoding="utf-8")
+        except OSError as e:
+            self.show_once(
+                f"exlsp: cannot write the log file {path}: {e}", types.MessageType.Warning
+            )
+            return
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+        self.log_file = handler
 
 
 def build_server() -> ExlspServer:

@@ -46,6 +46,7 @@ class RawSession:
         self.messages: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.seen: list[dict[str, Any]] = []
         self._next_id = 100
+        self._stderr: str | None = None
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -130,8 +131,10 @@ class RawSession:
     def stderr(self) -> str:
         if self.proc.poll() is None:
             return "(still running)"
-        assert self.proc.stderr is not None
-        return self.proc.stderr.read().decode(errors="replace")
+        if self._stderr is None:
+            assert self.proc.stderr is not None
+            self._stderr = self.proc.stderr.read().decode(errors="replace")
+        return self._stderr
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -318,3 +321,40 @@ def test_exit_after_shutdown_with_the_file_reader(tmp_path: Path) -> None:
     assert b'"id": 2, "jsonrpc": "2.0", "result": null' in proc.stdout, proc.stdout
     assert proc.returncode == 0, proc.stderr.decode()
     assert b"Traceback" not in proc.stderr
+
+
+# -- logs ---------------------------------------------------------------------------
+
+
+def serve_until_ready(s: RawSession, options: dict[str, Any]) -> list[dict[str, Any]]:
+    """A session up to the loaded model and back down; the client's log messages."""
+    s.initialize(options)
+    s.write(INITIALIZED)
+    assert s.wait_ready()["state"] == "ready"
+    s.write(SHUTDOWN)
+    s.answer(2)
+    assert_clean_exit(s)
+    return [m["params"] for m in s.seen if m.get("method") == "window/logMessage"]
+
+
+def test_info_lines_go_to_the_client_and_the_log_file_not_to_stderr(
+    session: Any, tmp_path: Path
+) -> None:
+    """Editors file stderr as errors (VS Code: `[error] ... INFO`)."""
+    log_file = tmp_path / "logs" / "exlsp.log"
+    log_file.parent.mkdir()
+    s = session()
+    logged = serve_until_ready(s, {**INSTANT, "logging": {"file": str(log_file)}})
+    assert any(p["type"] == 3 and "model ready" in p["message"] for p in logged), logged
+    err = s.stderr()
+    assert " INFO " not in err, err
+    assert "model ready" in log_file.read_text(encoding="utf-8")
+
+
+def test_the_command_line_log_file_takes_precedence(session: Any, tmp_path: Path) -> None:
+    given, configured = tmp_path / "given.log", tmp_path / "configured.log"
+    s = session("--log-file", str(given))
+    serve_until_ready(s, {**INSTANT, "logging": {"file": str(configured)}})
+    assert "model ready" in given.read_text(encoding="utf-8")
+    assert not configured.exists()
+    assert " INFO " not in s.stderr()
