@@ -160,10 +160,15 @@ def cmd_complete(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise SystemExit(f"exlsp complete: no such file: {path}")
     out = asyncio.run(_complete_once(config, path, line, col))
+    # The backend could not answer (a remote server is down): not an empty suggestion.
+    failed = bool(out["error"]) and out["stats"]["source"] == "error"
     if args.json:
         print(json.dumps(out, indent=2))
-    else:
+    elif not failed:
         print(out["suggestion"])
+    if failed:
+        print(f"exlsp complete: {out['error']}", file=sys.stderr)
+        return 1
     return 0
 
 
