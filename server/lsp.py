@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import types as pytypes
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, cast
@@ -257,6 +258,13 @@ class ClientLogHandler(logging.Handler):
             )
 
 
+class _UnjoinedExecutor(ThreadPoolExecutor):
+    """The event loop's executor, whose shutdown does not wait for its threads."""
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait=False, cancel_futures=True)
+
+
 class PipeReader:
     """stdin as an asyncio stream: what pygls' message loop reads from."""
 
@@ -321,6 +329,10 @@ class ExlspServer(LanguageServer):
         self.protocol.set_writer(StdoutWriter(stdout or sys.stdout.buffer))
 
         async def serve() -> None:
+            # After `exit`, asyncio.run would join the default executor's threads:
+            # an `import transformers` still running from `initialized` held the
+            # exit for seconds. Nothing left there matters once `shutdown` was answered.
+            asyncio.get_running_loop().set_default_executor(_UnjoinedExecutor())
             reader: Any
             try:
                 reader = await PipeReader.open(stdin)
