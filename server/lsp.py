@@ -172,7 +172,7 @@ class ExlspProtocol(LanguageServerProtocol):
     def lsp_shutdown(self, *args: Any) -> Any:
         """pygls' shutdown, with the other in-flight work cancelled first, over a copy.
 
-        Cancelling a finished-callback future runs its callbacks at once, and
+        Cancelling a concurrent future runs its done-callbacks at once, and
         `_execute_handler`'s callback deletes the entry: pygls' loop over the dict
         itself failed ("dictionary changed size during iteration"). Cancelling
         first also keeps a still-running `initialized` from starting a model
