@@ -40,8 +40,10 @@ class ModelConfig:
     maxSeqLen: int = 8192
     # exllamav2: n-gram speculative decoding.
     ngramDraft: bool = False
-    # CPU threads for the transformers backend (0: torch's default).
-    threads: int = 0
+    # CPU threads for the transformers backend (0: torch's default, one per core).
+    # 1 by default: on a busy 2-core machine torch's default took ~200 ms a token
+    # and hit the 2 s deadline, one thread 14-19 ms (README, model.threads).
+    threads: int = 1
     # openai: the OpenAI-compatible server's base URL, e.g. "http://gpu-pool:8000/v1".
     # `path` is then optional: the served model's tokenizer directory, for exact
     # token budgets and token-id prompts (without it, budgets are estimated from characters).

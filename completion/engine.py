@@ -285,6 +285,7 @@ class _Generation:
     waiters: int = 0
     grace: asyncio.TimerHandle | None = None
     listeners: list[PartialCallback] = field(default_factory=list)
+    cut_by: str | None = None  # the filter whose cut stopped the job, if one did
 
     def cancel(self) -> None:
         self.handle.cancel()
@@ -420,7 +421,8 @@ class CompletionEngine:
             if gen.handle.started is not None:
                 stats.queue_ms = (gen.handle.started - gen.handle.submitted) * 1000
         stats.generated_tokens = job_stats.generated_tokens
-        stats.stop_reason = job_stats.stop_reason
+        # A filter's cut cancels the job: that cut, not "cancelled", is why it stopped.
+        stats.stop_reason = f"filter:{gen.cut_by}" if gen.cut_by else job_stats.stop_reason
         if not raw.startswith(typed):
             stats.source = "empty"
             return self._finish(stats, t0, "")
@@ -468,6 +470,7 @@ class CompletionEngine:
                 if done.truncated:
                     # Everything after the cut is thrown away: stop decoding now.
                     stopped = True
+                    gen.cut_by = done.by
                     gen.handle.cancel()
         finally:
             if self._running is gen:

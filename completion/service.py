@@ -215,6 +215,8 @@ class CompletionService:
             self.engine.close()  # its timers belong to the loop
             self.engine = None
         worker, self.worker = self.worker, None
-        if worker is not None:
+        if worker is not None and self.state == "loading":
+            worker.close(wait=False)  # `start` is cancelled; the load ends off the loop
+        elif worker is not None:
             await asyncio.to_thread(worker.close)
         self.state = "idle"

@@ -71,7 +71,7 @@ class CompletionStats:
     total_ms: float = 0.0
     prompt_build_ms: float = 0.0
     queue_ms: float = 0.0
-    stop_reason: str = ""
+    stop_reason: str = ""  # the job's, or "filter:<name>" when a filter's cut stopped it
     multiline: bool = False
     snippet_tokens: int = 0
     reuse_known: bool = True  # see KvReuseStats.reuse_known

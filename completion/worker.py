@@ -9,6 +9,7 @@ decode steps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -74,6 +75,7 @@ class BackendWorker:
         self._live: list[GenerationHandle] = []  # submitted and not finished, in order
         self._lock = threading.Lock()
         self.backend: Backend | None = None
+        self._closed = False
         self._thread.start()
 
     # -- generic calls -------------------------------------------------------
@@ -106,7 +108,14 @@ class BackendWorker:
         return value
 
     async def load(self, factory: Callable[[], Backend]) -> Backend:
-        backend = await self.call(factory)
+        def load() -> Backend:
+            backend = factory()
+            if self._closed:  # abandoned by close(wait=False) while it loaded
+                backend.close()
+                raise RuntimeError("the model load was abandoned")
+            return backend
+
+        backend = await self.call(load)
         self.backend = backend
         return backend
 
@@ -175,13 +184,14 @@ class BackendWorker:
             try:
                 value = fn()
             except BaseException as e:
-                loop = fut.get_loop()
-                loop.call_soon_threadsafe(_set_exception, fut, e)
+                _answer(fut, _set_exception, e)
             else:
-                loop = fut.get_loop()
-                loop.call_soon_threadsafe(_set_result, fut, value)
+                _answer(fut, _set_result, value)
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the thread once its current call ends; `wait=False` does not wait for
+        that (a model load can take seconds: it finishes, and is closed, on its own)."""
+        self._closed = True
         with self._lock:
             for h in self._live:
                 h.cancel()
@@ -189,7 +199,14 @@ class BackendWorker:
         if backend is not None:
             self._jobs.put((backend.close, None))
         self._jobs.put(None)
-        self._thread.join(timeout=5)
+        if wait:
+            self._thread.join(timeout=5)
+
+
+def _answer(fut: asyncio.Future[Any], setter: Callable[..., None], value: Any) -> None:
+    # The loop is gone when a call was abandoned and the program ended meanwhile.
+    with contextlib.suppress(RuntimeError):
+        fut.get_loop().call_soon_threadsafe(setter, fut, value)
 
 
 def _set_result(fut: asyncio.Future[Any], value: Any) -> None:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from exlsp.server.config import Config, level_number, merge
+from exlsp.server.config import LOG_FORMAT, Config, level_number, merge
 
 log = logging.getLogger("exlsp")
 
@@ -51,14 +51,24 @@ def _version() -> str:
     return __version__
 
 
-def setup_logging(level: str, file: str | None) -> None:
+def setup_logging(level: str, file: str | None, serve: bool = False) -> None:
     root = logging.getLogger("exlsp")
     root.setLevel(level_number(level))
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # stderr never carries protocol traffic (stdio uses stdout), so it is safe to log there.
-    handler: logging.Handler = logging.FileHandler(file) if file else logging.StreamHandler()
-    handler.setFormatter(fmt)
-    root.addHandler(handler)
+    fmt = logging.Formatter(LOG_FORMAT)
+    if file:
+        handler: logging.Handler = logging.FileHandler(file, encoding="utf-8")
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    if file and not serve:
+        return
+    # Editors file a server's stderr as errors: `serve` writes only warnings and
+    # errors there; its info lines go to the client (window/logMessage) and the
+    # log file. (stderr never carries protocol traffic: stdio uses stdout.)
+    stderr = logging.StreamHandler()
+    stderr.setFormatter(fmt)
+    if serve:
+        stderr.setLevel(logging.WARNING)
+    root.addHandler(stderr)
 
 
 def config_layers(path: str | None) -> list[tuple[str, dict[str, Any]]]:
@@ -118,6 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from exlsp.server.lsp import build_server
 
     server = build_server()
+    server.log_file_from_command_line = bool(args.log_file)
     if args.tcp:
         host, port = _tcp_address(args.tcp, args.listen_any)
         server.start_tcp(host, port)
@@ -190,10 +201,15 @@ def cmd_complete(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise SystemExit(f"exlsp complete: no such file: {path}")
     out = asyncio.run(_complete_once(config, path, line, col))
+    # The backend could not answer (a remote server is down): not an empty suggestion.
+    failed = bool(out["error"]) and out["stats"]["source"] == "error"
     if args.json:
         print(json.dumps(out, indent=2))
-    else:
+    elif not failed:
         print(out["suggestion"])
+    if failed:
+        print(f"exlsp complete: {out['error']}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -401,7 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--version", action="version", version=f"exlsp {_version()}")
     levels = ["debug", "info", "warning", "error", "critical"]
-    parser.add_argument("--log-file", help="write the log to this file (default: stderr)")
+    parser.add_argument(
+        "--log-file",
+        help="write the log to this file (serve: before logging.file; default: stderr)",
+    )
     # Default: info for `serve` (its log is the editor's), quiet for the one-shot
     # commands, whose output is on stdout and whose failures exit with the reason.
     parser.add_argument("--log-level", default=None, choices=levels)
@@ -492,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     level = args.log_level or ("info" if args.command == "serve" else "critical")
-    setup_logging(level, args.log_file)
+    setup_logging(level, args.log_file, serve=args.command == "serve")
     return int(args.func(args) or 0)
 
 

@@ -191,5 +191,9 @@ def drop_user_only(current: Any, wire: Any) -> tuple[Any, list[str]]:
     return kept, dropped
 
 
+# The log file's lines (`--log-file`, `logging.file`).
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def level_number(level: str) -> int:
     return int(logging.getLevelName(level.upper()))

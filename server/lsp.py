@@ -6,18 +6,27 @@ import asyncio
 import contextlib
 import contextvars
 import gc
+import json
 import logging
+import os
+import re
 import sys
 import threading
 import time
 import types as pytypes
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar
+from typing import Any, BinaryIO, ClassVar, cast
 
 from lsprotocol import types
-from pygls.exceptions import JsonRpcInvalidParams
-from pygls.io_ import StdinAsyncReader, StdoutWriter, run_async
+from pygls.exceptions import (
+    JsonRpcException,
+    JsonRpcInvalidParams,
+    JsonRpcInvalidRequest,
+    JsonRpcParseError,
+)
+from pygls.io_ import StdinAsyncReader, StdoutWriter
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.json_rpc import RPCNotification, RPCRequest, RPCResponse
@@ -26,7 +35,7 @@ from pygls.uris import to_fs_path
 
 from exlsp.completion.service import CompletionService
 from exlsp.completion.types import CompletionResult, DocumentView, Trigger
-from exlsp.server.config import Config, level_number
+from exlsp.server.config import LOG_FORMAT, Config, level_number
 from exlsp.server.documents import DocumentStore, PositionError
 
 log = logging.getLogger(__name__)
@@ -36,6 +45,8 @@ try:
 except metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
+_CONTENT_LENGTH = re.compile(rb"^Content-Length: (\d+)\r\n$")
+
 ENCODINGS = {
     types.PositionEncodingKind.Utf8: "utf-8",
     types.PositionEncodingKind.Utf16: "utf-16",
@@ -44,13 +55,22 @@ ENCODINGS = {
 
 
 class ExlspProtocol(LanguageServerProtocol):
-    """pygls' protocol with two changes.
+    """pygls' protocol with these changes.
 
     - Open documents live in `ExlspServer.documents` (LSP-conformant lines,
       incremental edits by line); pygls' own copy is not kept.
     - A request whose params do not deserialize is answered with -32602
       instead of being dropped.
+    - The lifecycle as the spec has it: a second `initialize` and every request
+      after `shutdown` are refused with -32600, and an `exit` that arrives while
+      `shutdown` still runs (Helix sends both in one write) waits for its answer.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._initialize_seen = False
+        # The `shutdown` request's future, from its arrival: from then on only `exit` is served.
+        self._shutdown_request: Any = None
 
     # Plain calls, not pygls' generator hand-off: a didChange comes with every keystroke.
     @lsp_method(types.TEXT_DOCUMENT_DID_OPEN)
@@ -118,11 +138,25 @@ class ExlspProtocol(LanguageServerProtocol):
         if message.jsonrpc != self.VERSION:
             log.warning('Unknown message "%s"', message)
             return
-        if self._shutdown and getattr(message, "method", "") != types.EXIT:
-            log.warning("Server shutting down. No more requests!")
+        kind = self._kind(message)
+        method = getattr(message, "method", "")
+        if self._shutdown_request is not None and method != types.EXIT:
+            # Responses to what shutdown cancelled, and notifications, are dropped.
+            if kind == "request":
+                self._refuse(message.id, f"{method}: the server is shutting down")
+            return
+        if kind == "request" and method == types.INITIALIZE:
+            if self._initialize_seen:
+                self._refuse(message.id, "initialize: the server is already initialized")
+                return
+            self._initialize_seen = True
+        elif kind == "request" and not self._initialize_seen:
+            # Before `initialize` nothing is answered but an error (the spec's -32002):
+            # `exlsp/stats`, say, shows the last prompt, which is the user's code.
+            error = JsonRpcException(f"{method}: not initialized", code=-32002)
+            self._send_response(message.id, None, error.to_response_error())
             return
         ctx = contextvars.copy_context()
-        kind = self._kind(message)
         if kind == "request":
             ctx.run(self._handle_request, message.id, message.method, message.params)
         elif kind == "notification":
@@ -131,6 +165,43 @@ class ExlspProtocol(LanguageServerProtocol):
             ctx.run(self._handle_response, message.id, message.result)
         else:
             ctx.run(self._handle_response, message.id, None, message.error)
+
+    def _refuse(self, msg_id: Any, message: str) -> None:
+        self._send_response(msg_id, None, JsonRpcInvalidRequest(message).to_response_error())
+
+    def send_error_without_id(self, error: JsonRpcException) -> None:
+        """Answer a body whose id cannot be known (not JSON, not a message): id null."""
+        body = {"code": error.code, "message": error.message}
+        self._send_data({"jsonrpc": self.VERSION, "id": None, "error": body})
+
+    @lsp_method(types.SHUTDOWN)
+    def lsp_shutdown(self, *args: Any) -> Any:
+        """pygls' shutdown, with the other in-flight work cancelled first, over a copy.
+
+        Cancelling a concurrent future runs its done-callbacks at once, and
+        `_execute_handler`'s callback deletes the entry: pygls' loop over the dict
+        itself failed ("dictionary changed size during iteration"). Cancelling
+        first also keeps a still-running `initialized` from starting a model
+        after the shutdown handler stopped it.
+        """
+        current = self.msg_id
+        own = self._request_futures.get(current) if current is not None else None
+        self._shutdown_request = own or _done_future()
+        for msg_id, future in list(self._request_futures.items()):
+            if msg_id != current and not future.done():
+                future.cancel()
+        if (user_handler := self.fm.features.get(types.SHUTDOWN)) is not None:
+            yield user_handler, args, None
+        self._shutdown = True
+        return None
+
+    @lsp_method(types.EXIT)
+    def lsp_exit(self, *args: Any) -> Any:
+        """pygls' exit, after the answer to a `shutdown` that is still running."""
+        pending = self._shutdown_request
+        if pending is not None and not pending.done():
+            yield _wait_for, (pending,), None
+        yield from super().lsp_exit(*args)
 
     def _handle_cancel_notification(self, msg_id: Any) -> None:
         # Editors cancel the previous inline request at every keystroke, often after
@@ -147,6 +218,20 @@ class ExlspProtocol(LanguageServerProtocol):
                 self._send_response(data["id"], None, error.to_response_error())
             # handle_message ignores a message whose jsonrpc is not "2.0".
             return pytypes.SimpleNamespace(jsonrpc="invalid")
+
+
+def _done_future() -> Any:
+    from concurrent.futures import Future
+
+    future: Future[None] = Future()
+    future.set_result(None)
+    return future
+
+
+async def _wait_for(future: Any) -> None:
+    # The request's callbacks (which send its answer) run before this wakes up.
+    with contextlib.suppress(BaseException):
+        await asyncio.wrap_future(future)
 
 
 class ClientLogHandler(logging.Handler):
@@ -177,6 +262,13 @@ class ClientLogHandler(logging.Handler):
             self.server.window_log_message(
                 types.LogMessageParams(type=kind, message=self.format(record))
             )
+
+
+class _UnjoinedExecutor(ThreadPoolExecutor):
+    """The event loop's executor, whose shutdown does not wait for its threads."""
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait=False, cancel_futures=True)
 
 
 class PipeReader:
@@ -224,6 +316,8 @@ class ExlspServer(LanguageServer):
         self._prompt_paths: dict[tuple[str, str | None], str] = {}
         self.exit_code = 0
         self.client_log = ClientLogHandler(self)
+        self.log_file: logging.FileHandler | None = None  # from `logging.file`
+        self.log_file_from_command_line = False
         self.client_log.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
 
     # -- transport ----------------------------------------------------------------
@@ -241,18 +335,16 @@ class ExlspServer(LanguageServer):
         self.protocol.set_writer(StdoutWriter(stdout or sys.stdout.buffer))
 
         async def serve() -> None:
+            # After `exit`, asyncio.run would join the default executor's threads:
+            # an `import transformers` still running from `initialized` held the
+            # exit for seconds. Nothing left there matters once `shutdown` was answered.
+            asyncio.get_running_loop().set_default_executor(_UnjoinedExecutor())
             reader: Any
             try:
                 reader = await PipeReader.open(stdin)
             except (ValueError, OSError):
                 reader = StdinAsyncReader(stdin, self.thread_pool)
-            await run_async(
-                stop_event=stop,
-                reader=reader,
-                protocol=self.protocol,
-                logger=log,
-                error_handler=self.report_server_error,
-            )
+            await self.read_messages(reader, stop)
 
         try:
             asyncio.run(serve())
@@ -264,6 +356,40 @@ class ExlspServer(LanguageServer):
             pass
         finally:
             self.shutdown()
+
+    async def read_messages(self, reader: Any, stop: threading.Event) -> None:
+        """pygls' message loop (`run_async`), with a body that is not a JSON-RPC
+        message answered as the spec says (-32700 or -32600, id null) instead of
+        dropped: JSON nested thousands deep fails with RecursionError, not ValueError."""
+        protocol = cast(ExlspProtocol, self.protocol)
+        length = 0
+        while not stop.is_set():
+            header = await reader.readline()
+            if not header:
+                break
+            if not length and (match := _CONTENT_LENGTH.fullmatch(header)):
+                length = int(match.group(1))
+            if not (length and not header.strip()):
+                continue
+            body = await reader.readexactly(length)
+            length = 0
+            if not body:
+                break
+            try:
+                message = json.loads(body, object_hook=protocol.structure_message)
+            except (ValueError, RecursionError) as e:
+                log.warning("a message that is not JSON was answered -32700: %s", e)
+                protocol.send_error_without_id(JsonRpcParseError(f"not JSON: {e}"))
+                continue
+            if not hasattr(message, "jsonrpc"):  # a list, a number, an object without it
+                log.warning("a message that is not JSON-RPC was answered -32600")
+                protocol.send_error_without_id(JsonRpcInvalidRequest("not a JSON-RPC message"))
+                continue
+            try:
+                protocol.handle_message(message)
+            except Exception as exc:
+                log.exception("Unable to handle message")
+                self.report_server_error(exc, JsonRpcException)
 
     def start_tcp(self, host: str, port: int) -> None:
         """Serve LSP over TCP to one client at a time.
@@ -288,13 +414,7 @@ class ExlspServer(LanguageServer):
             log.info("client connected from %s", peer)
             self.protocol.set_writer(writer)
             try:
-                await run_async(
-                    stop_event=stop,
-                    reader=reader,
-                    protocol=self.protocol,
-                    logger=log,
-                    error_handler=self.report_server_error,
-                )
+                await self.read_messages(reader, stop)
             except SystemExit as e:  # the client's `exit`: 0 after `shutdown`, 1 without
                 self.exit_code = e.code if isinstance(e.code, int) else 1
             if listener is not None:
@@ -468,6 +588,14 @@ class ExlspServer(LanguageServer):
         self.service = CompletionService(self.config.engine(), self.context_source)
         self._load_task = asyncio.get_running_loop().create_task(self._load(self.service))
 
+    async def stop_model(self) -> None:
+        """For `shutdown`: a load still running is abandoned, not waited for."""
+        if self._load_task is not None:
+            self._load_task.cancel()
+        service, self.service = self.service, None
+        if service is not None:
+            await service.aclose()
+
     async def _load(self, service: CompletionService) -> None:
         self.send_status("loading", "loading the model")
         await service.start()
@@ -519,11 +647,38 @@ class ExlspServer(LanguageServer):
         )
 
     def apply_logging(self) -> None:
+        """The configured level, the client's log, and `logging.file` (unless the
+        command line's `--log-file` fixed the file: it takes precedence)."""
         root = logging.getLogger("exlsp")
         root.setLevel(level_number(self.config.logging.level))
         self.client_log.setLevel(max(logging.INFO, level_number(self.config.logging.level)))
         if self.client_log not in root.handlers:
             root.addHandler(self.client_log)
+        if not self.log_file_from_command_line:
+            self._open_log_file(self.config.logging.file)
+
+    def _open_log_file(self, name: str) -> None:
+        path = str(Path(name).expanduser()) if name else ""
+        old = self.log_file
+        if old is not None and old.baseFilename == (os.path.abspath(path) if path else ""):
+            return
+        root = logging.getLogger("exlsp")
+        if old is not None:
+            root.removeHandler(old)
+            old.close()
+            self.log_file = None
+        if not path:
+            return
+        try:
+            handler = logging.FileHandler(path, encoding="utf-8")
+        except OSError as e:
+            self.show_once(
+                f"exlsp: cannot write the log file {path}: {e}", types.MessageType.Warning
+            )
+            return
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+        self.log_file = handler
 
 
 def build_server() -> ExlspServer:

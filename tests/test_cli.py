@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.openai_fake_server import FakeOpenAIServer, streamed
 
 ROOT = Path(__file__).resolve().parent.parent
 EXLSP = [sys.executable, "-m", "exlsp.server"]
@@ -73,3 +76,54 @@ def test_complete_rejects_a_place_outside_the_file() -> None:
     )
     assert proc.returncode != 0
     assert "outside line" in proc.stderr
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: connections are refused."""
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return int(s.getsockname()[1])
+
+
+def complete_openai(tmp_path: Path, base_url: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "exlsp.json"
+    model = {
+        "backend": "openai",
+        "baseUrl": base_url,
+        "fimTemplate": "qwen2.5-coder",
+        "connectTimeoutMs": 2000,
+    }
+    config.write_text(json.dumps({"model": model}), encoding="utf-8")
+    file, line, col = readme_location()
+    return subprocess.run(
+        [*EXLSP, "complete", f"{file}:{line}:{col}", "--config", str(config), *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_complete_fails_in_one_line_when_the_server_is_unreachable(tmp_path: Path) -> None:
+    """Not an empty line and exit 0, as if the model had nothing to say."""
+    proc = complete_openai(tmp_path, f"http://127.0.0.1:{closed_port()}/v1")
+    assert proc.returncode != 0, proc
+    assert proc.stdout == ""
+    message = proc.stderr.strip().splitlines()
+    assert len(message) == 1 and message[0].startswith("exlsp complete: "), proc.stderr
+    assert "127.0.0.1" in message[0]
+
+
+def test_complete_json_names_the_filter_that_ended_the_suggestion(tmp_path: Path) -> None:
+    """The scope filter cuts at the dedented line and cancels the stream: that cut,
+    not "cancelled", is why the suggestion ended."""
+    body = " abs(a.x - b.x)\nprint('done')\n" + "x = 1\n" * 200
+    fake = FakeOpenAIServer(script=lambda _: streamed(body, pieces=len(body)), step_s=0.01)
+    url = fake.start()
+    try:
+        proc = complete_openai(tmp_path, url, "--json")
+    finally:
+        fake.stop()
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["suggestion"] == " abs(a.x - b.x)"
+    assert out["stats"]["stop_reason"].startswith("filter:"), out["stats"]

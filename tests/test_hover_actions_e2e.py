@@ -166,16 +166,18 @@ async def test_hover_explains_within_the_deadline(client: LanguageClient) -> Non
     hover = await client.text_document_hover_async(hover_params(14, 16))  # `area` in total()
     elapsed = time.monotonic() - t0
     assert elapsed < HOVER_DEADLINE_S + 1.0
-    if hover is not None:  # nothing ready in time is a valid answer
-        assert isinstance(hover.contents, types.MarkupContent)
-        assert hover.contents.kind == types.MarkupKind.Markdown
-        assert hover.contents.value.startswith("**area (function)**")
-        assert hover.range == types.Range(types.Position(14, 15), types.Position(14, 19))
-        # Asked again: answered from the cache, at once and the same.
-        t1 = time.monotonic()
-        again = await client.text_document_hover_async(hover_params(8, 6))
-        assert again is not None and again.contents == hover.contents
-        assert time.monotonic() - t1 < 0.5
+    # The tiny model writes a few words within the deadline (greedy: the same ones
+    # every run); an answer of nothing would pass every check below unseen.
+    assert hover is not None
+    assert isinstance(hover.contents, types.MarkupContent)
+    assert hover.contents.kind == types.MarkupKind.Markdown
+    assert hover.contents.value.startswith("**area (function)**")
+    assert hover.range == types.Range(types.Position(14, 15), types.Position(14, 19))
+    # Asked again: answered from the cache, at once and the same.
+    t1 = time.monotonic()
+    again = await client.text_document_hover_async(hover_params(8, 6))
+    assert again is not None and again.contents == hover.contents
+    assert time.monotonic() - t1 < 0.5
     # Outside any definition: nothing, at once.
     t2 = time.monotonic()
     assert await client.text_document_hover_async(hover_params(1, 0)) is None
@@ -184,12 +186,12 @@ async def test_hover_explains_within_the_deadline(client: LanguageClient) -> Non
 
 async def test_hover_respects_plaintext(plain_client: LanguageClient) -> None:
     hover = await plain_client.text_document_hover_async(hover_params(4, 6))
-    if hover is not None:
-        assert isinstance(hover.contents, types.MarkupContent)
-        assert hover.contents.kind == types.MarkupKind.PlainText
-        assert hover.contents.value.startswith("greet (function)")
-        assert hover.range is not None
-        assert_valid_range(hover.range)
+    assert hover is not None  # see test_hover_explains_within_the_deadline
+    assert isinstance(hover.contents, types.MarkupContent)
+    assert hover.contents.kind == types.MarkupKind.PlainText
+    assert hover.contents.value.startswith("greet (function)")
+    assert hover.range is not None
+    assert_valid_range(hover.range)
 
 
 async def test_code_actions_are_listed_at_once_with_their_kinds(client: LanguageClient) -> None:

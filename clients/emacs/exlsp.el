@@ -87,7 +87,7 @@ otherwise.  Set before lsp-inline-completion is loaded."
     ("exlsp.model.cacheType" "q8" string "exllamav2 KV cache: fp16, q8, q6 or q4.")
     ("exlsp.model.maxSeqLen" 8192 integer "exllamav2 cache length (multiple of 256).")
     ("exlsp.model.ngramDraft" nil boolean "exllamav2 n-gram speculative decoding.")
-    ("exlsp.model.threads" 0 integer "CPU threads of the transformers backend; 0: torch's default.")
+    ("exlsp.model.threads" 1 integer "CPU threads of the transformers backend; 0: torch's default (one per core).")
     ("exlsp.model.baseUrl" "" string "openai backend: the OpenAI-compatible server's base URL, e.g. http://gpu-pool:8000/v1.")
     ("exlsp.model.remoteModel" "" string "openai backend: the model name sent with each request; empty: the server's first model.")
     ("exlsp.model.apiKey" "" string "openai backend: API key; prefer the variable named by `exlsp-model-api-key-env'.")

@@ -109,7 +109,10 @@ def register(server: ExlspServer) -> None:
 
     @server.feature(types.SHUTDOWN)
     async def shutdown(ls: ExlspServer, params: Any) -> None:
-        # Joining the index and backend threads can take seconds: not on the event loop.
-        await stop_index(ls)
-        if ls.service is not None:
-            await ls.service.aclose()
+        # The answer is owed within a second or two (VS Code kills the server after
+        # 2 s): a model load is abandoned; joining threads happens off the loop.
+        try:
+            await ls.stop_model()
+            await stop_index(ls)
+        except Exception:
+            log.exception("shutdown: stopping the model or the index failed")

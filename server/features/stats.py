@@ -5,9 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from lsprotocol import types
-from pygls.exceptions import JsonRpcException
-
 from exlsp.server.lsp import ExlspServer
 
 
@@ -47,7 +44,4 @@ def stats_payload(ls: ExlspServer) -> dict[str, Any]:
 def register(server: ExlspServer) -> None:
     @server.feature("exlsp/stats")
     async def stats(ls: ExlspServer, params: Any) -> dict[str, Any]:
-        if not ls.initialized:
-            # The last prompt is the user's code: only for the client that started us.
-            raise JsonRpcException("not initialized", code=types.ErrorCodes.ServerNotInitialized)
         return stats_payload(ls)
