@@ -42,7 +42,7 @@ def apply_settings(ls: ExlspServer, settings: Any, origin: str, from_user: bool 
     new, errors = merge(ls.config, settings)
     for error in errors:
         ls.show_once(f"exlsp: bad setting in {origin}: {error}", types.MessageType.Warning)
-    model_changed = new.model != ls.config.model
+    model_changed = new.model != ls.config.model or new.assist != ls.config.assist
     ls.index_changed = new.index != ls.config.index
     ls.config = new
     ls.apply_logging()
@@ -109,5 +109,7 @@ def register(server: ExlspServer) -> None:
     async def shutdown(ls: ExlspServer, params: Any) -> None:
         # Joining the index and backend threads can take seconds: not on the event loop.
         await stop_index(ls)
+        if ls.assist is not None:
+            await ls.assist.aclose()
         if ls.service is not None:
             await ls.service.aclose()
