@@ -233,7 +233,7 @@ async def test_the_first_model_serves_when_it_loads(backends, services) -> None:
     assert texts(await svc.complete(req(1))) == ["return a"]
 
 
-# -- a model that dies mid-session ----------------------------------------------------------------
+# -- a model that dies mid-session -------------------------------------------------------------
 
 
 async def test_a_model_that_dies_is_replaced_by_the_next_without_user_action(
