@@ -196,6 +196,23 @@ def test_the_assist_model_is_the_completion_model_unless_a_backend_is_set() -> N
     assert len(errors) == 2
 
 
+def test_a_change_of_the_assist_model_reloads_the_models() -> None:
+    from types import SimpleNamespace
+
+    from exlsp.server.features.configuration import apply_settings
+
+    ls: Any = SimpleNamespace(
+        config=Config(),
+        service=None,
+        index_changed=False,
+        show_once=lambda *args: None,
+        apply_logging=lambda: None,
+    )
+    assert apply_settings(ls, {"assist": {"device": "cpu"}}, "settings")
+    assert ls.config.assist.device == "cpu"
+    assert not apply_settings(ls, {"hover": {"maxTokens": 10}}, "settings")
+
+
 # -- a model that cannot load ------------------------------------------------------------------
 
 
