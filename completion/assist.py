@@ -789,6 +789,14 @@ def hover_target(doc: ParsedDocument, line: int, char: int) -> tuple[Definition,
     return (around, around.span, "") if around is not None else None
 
 
+def model_dir(model: ModelConfig, backend: Any) -> Path | None:
+    """The loaded model's directory (its chat template); for a remote server, the
+    tokenizer directory configured for it, if any (its `info.path` may be a name)."""
+    if model.backend == "openai":
+        return Path(model.path).expanduser() if model.path else None
+    return Path(backend.info.path)
+
+
 class AssistService:
     """The model behind hover and code actions, and its one `Assistant`.
 
@@ -832,7 +840,7 @@ class AssistService:
                 )
             except Exception:
                 fim = None  # an instruct model without FIM tokens: chat prompts only
-            template = read_chat_template(Path(backend.info.path) if backend.info.path else None)
+            template = read_chat_template(model_dir(model, backend))
             if template is None and fim is None:
                 raise RuntimeError(
                     f"{backend.info.path or model.baseUrl} has no chat template and no "
@@ -883,10 +891,11 @@ class AssistService:
         if shared is None or shared.worker is not service.worker:
             # The first use, or a fallback took over: the new model's own prompts.
             backend = service.backend
-            model_dir = Path(backend.info.path) if backend is not None else None
+            served = service.serving_model
+            folder = model_dir(served, backend) if backend and served else None
             engine = service.engine
             shared = self._shared = Assistant(
-                service.worker, engine.tokenizer, engine.fim, read_chat_template(model_dir)
+                service.worker, engine.tokenizer, engine.fim, read_chat_template(folder)
             )
         return shared
 
