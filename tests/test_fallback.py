@@ -403,3 +403,13 @@ async def test_the_shared_assistant_follows_a_fallback(backends, services, tmp_p
     assistant = assist.assistant
     assert assistant is not None and assistant is not first and assistant.mode == "chat"
     assert dataclasses.asdict(steady.info) == assist.stats()["model"]
+
+
+def test_a_remote_models_chat_template_comes_only_from_its_tokenizer_folder(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from exlsp.completion.assist import model_dir
+
+    named = scripted("", path="tiny-instruct")  # a served model's name, not a folder
+    assert model_dir(ModelConfig(backend="openai"), named) is None
+    folder = chat_dir(tmp_path)
+    assert model_dir(ModelConfig(backend="openai", path=str(folder)), named) == folder
+    assert model_dir(ModelConfig(path="/m"), scripted("", path=str(folder))) == folder
