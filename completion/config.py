@@ -6,7 +6,9 @@ the backends read them directly.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 # `model.apiKeyEnv` may name only exlsp's own variables: a shared settings file must
 # not be able to send, say, $GITHUB_TOKEN to a server of its choosing.
@@ -66,6 +68,70 @@ class ModelConfig:
     readTimeoutMs: int = 10000
     # openai: ask llama.cpp's server to keep the prompt's KV cache (`cache_prompt`).
     cachePrompt: bool = True
+    # What serves when this model cannot load or dies (a fatal backend error), tried
+    # in order: each entry is a partial `model` tree applied over this one, e.g.
+    # [{"backend": "transformers", "device": "cuda"}, {"backend": "openai", "baseUrl":
+    # "http://gpu-pool:8000/v1"}, {"backend": "transformers", "path": ""}].
+    fallback: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+
+def fallback_chain(model: ModelConfig) -> list[ModelConfig]:
+    """The models to try in order: `model`, then each `fallback` entry applied over it.
+
+    The entries were checked when the settings were read (unknown keys dropped here)."""
+    primary = dataclasses.replace(model, fallback=[])
+    known = {f.name for f in dataclasses.fields(ModelConfig)} - {"fallback"}
+    chain = [primary]
+    for entry in model.fallback:
+        if isinstance(entry, dict):
+            chain.append(
+                dataclasses.replace(primary, **{k: v for k, v in entry.items() if k in known})
+            )
+    return chain
+
+
+@dataclass
+class AssistModelConfig:
+    """The model behind hover and code actions (explanations and refactors).
+
+    An empty `backend` means the completion model serves them too (nothing more is
+    loaded); the other keys then do nothing. Otherwise a second model, as `model`
+    describes one: local (its own worker thread in the same process, its memory
+    counted in the stats) or a remote OpenAI-compatible server.
+    """
+
+    # "" (the completion model), "transformers", "exllamav2" or "openai".
+    backend: str = ""
+    # The model directory (openai: the served model's tokenizer, for its chat template).
+    # Empty with a local backend: the built-in default model.
+    path: str = ""
+    device: str = "auto"
+    dtype: str = "auto"
+    # FIM template for a base model's docstring prompts ("auto": detected).
+    fimTemplate: str = "auto"
+    contextLength: int = 0
+    cacheType: str = "q8"
+    maxSeqLen: int = 4096
+    threads: int = 0
+    baseUrl: str = ""
+    remoteModel: str = ""
+    apiKey: str = field(default="", repr=False)
+    apiKeyEnv: str = "EXLSP_API_KEY"
+    promptFormat: str = "auto"
+    verifyTls: bool = True
+    caFile: str = ""
+    connectTimeoutMs: int = 3000
+    readTimeoutMs: int = 10000
+
+    @property
+    def shared(self) -> bool:
+        return not self.backend
+
+    def model_config(self) -> ModelConfig | None:
+        """The assist model as a `ModelConfig`; None when the completion model serves."""
+        if self.shared:
+            return None
+        return ModelConfig(**dataclasses.asdict(self))
 
 
 @dataclass

@@ -10,10 +10,16 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from exlsp.completion.backends.base import Backend, BackendUnavailable
-from exlsp.completion.config import CompletionConfig, EngineConfig, ModelConfig
+from exlsp.completion.backends.base import Backend, BackendUnavailable, is_fatal
+from exlsp.completion.config import (
+    CompletionConfig,
+    EngineConfig,
+    ModelConfig,
+    fallback_chain,
+)
 from exlsp.completion.engine import CompletionEngine, PartialCallback
 from exlsp.completion.fim import resolve_template
 from exlsp.completion.types import (
@@ -126,56 +132,141 @@ def create_backend(model: ModelConfig) -> Backend:
     raise ModelLoadError(f"the {model.backend} backend is not available in this version")
 
 
+def describe_model(model: ModelConfig) -> str:
+    """A model configuration in a few words, for the status and messages."""
+    if model.backend == "openai":
+        name = f" {model.remoteModel}" if model.remoteModel else ""
+        return f"openai{name} at {model.baseUrl or '(no baseUrl)'}"
+    where = f" on {model.device}" if model.device != "auto" else ""
+    return f"{model.backend} {model.path or 'built-in model'}{where}"
+
+
 class CompletionService:
+    """The completion model: the first of the fallback chain (`model`, then each
+    `model.fallback` entry) that loads, replaced by the next one if it dies."""
+
     def __init__(self, config: EngineConfig, context: ContextSource | None = None) -> None:
         self.config = config
         self.context = context
+        self.chain = fallback_chain(config.model)
         self.worker: BackendWorker | None = None
         self.engine: CompletionEngine | None = None
         self.state = "idle"  # idle, loading, ready, error
         self.error: str | None = None
         self.load_ms: float | None = None
         self.context_length = 0
+        self.serving: int | None = None  # the index in `chain` of what serves now
+        self.failures: list[str] = []  # what could not load or died, in order
+        # Called on the event loop when what serves changes after `start` (a fallback
+        # took over from a model that died, or none is left).
+        self.on_change: Callable[[], None] | None = None
+        self._failover: asyncio.Task[None] | None = None
 
     @property
     def backend(self) -> Backend | None:
         return self.worker.backend if self.worker else None
 
+    @property
+    def serving_model(self) -> ModelConfig | None:
+        return self.chain[self.serving] if self.serving is not None else None
+
+    @property
+    def serving_label(self) -> str | None:
+        model = self.serving_model
+        return describe_model(model) if model is not None else None
+
+    def fallback_note(self) -> str | None:
+        """Why a fallback serves, for one message to the user; None when the first does."""
+        if not self.serving or not self.failures:
+            return None
+        return f"{'; '.join(self.failures)}; {self.serving_label} serves instead"
+
     async def start(self) -> None:
         """Load the model; on failure record the reason (the server stays up)."""
+        self.failures = []
+        await self._serve_from(0)
+
+    async def _serve_from(self, first: int) -> None:
+        """Serve with the first model of `chain[first:]` that loads."""
         self.state = "loading"
-        t0 = time.perf_counter()
-        self.worker = BackendWorker(self.config.model.backend)
-        model = self.config.model
-        try:
-            backend = await self.worker.load(lambda: create_backend(model))
-            fim = resolve_template(model.fimTemplate, backend.tokenizer, Path(backend.info.path))
-        except Exception as e:
-            self.state = "error"
-            self.error = str(e)
-            log.error("model failed to load: %s", e)
-            self.worker.close()
-            self.worker = None
+        self.serving = None
+        last_error = ""
+        loop = asyncio.get_running_loop()
+        for index in range(first, len(self.chain)):
+            model = self.chain[index]
+            t0 = time.perf_counter()
+            worker = self.worker = BackendWorker(model.backend)
+            try:
+                backend = await worker.load(lambda model=model: create_backend(model))
+                fim = resolve_template(
+                    model.fimTemplate, backend.tokenizer, Path(backend.info.path)
+                )
+            except Exception as e:
+                last_error = str(e)
+                self.failures.append(f"{describe_model(model)} could not be loaded: {e}")
+                log.error("model failed to load: %s", e)
+                if self.worker is worker:
+                    self.worker = None
+                await asyncio.to_thread(worker.close)
+                if self.worker is not None or self.state != "loading":
+                    return  # closed meanwhile
+                continue
+            if self.worker is not worker:  # closed meanwhile
+                await asyncio.to_thread(worker.close)
+                return
+            worker.on_fatal = lambda e, w=worker: loop.call_soon_threadsafe(self._died, w, e)
+            self.context_length = backend.info.context_length
+            self.engine = CompletionEngine(
+                worker,
+                backend.tokenizer,
+                fim,
+                fit_budgets(self.config.completion, self.context_length),
+                self.context,
+            )
+            self.load_ms = (time.perf_counter() - t0) * 1000
+            self.serving = index
+            self.state = "ready"
+            self.error = None
+            log.info(
+                "model ready: %s (%s, %s template, %s) in %.0f ms",
+                backend.info.path,
+                backend.name,
+                fim.template.family,
+                backend.info.device,
+                self.load_ms,
+            )
             return
-        self.context_length = backend.info.context_length
-        self.engine = CompletionEngine(
-            self.worker,
-            backend.tokenizer,
-            fim,
-            fit_budgets(self.config.completion, self.context_length),
-            self.context,
+        self.state = "error"
+        self.error = (
+            last_error
+            if len(self.chain) == 1
+            else "no model could be served: " + "; ".join(self.failures)
         )
-        self.load_ms = (time.perf_counter() - t0) * 1000
-        self.state = "ready"
-        self.error = None
-        log.info(
-            "model ready: %s (%s, %s template, %s) in %.0f ms",
-            backend.info.path,
-            backend.name,
-            fim.template.family,
-            backend.info.device,
-            self.load_ms,
-        )
+
+    def _died(self, worker: BackendWorker, error: BaseException) -> None:
+        """A fatal error on `worker`: serve with the next model of the chain."""
+        if worker is not self.worker or self.serving is None:
+            return  # already replaced
+        label = self.serving_label
+        self.failures.append(f"{label} stopped: {error}")
+        log.error("the model stopped (%s): %s", label, error)
+        self._failover = asyncio.get_running_loop().create_task(self._fail_over(self.serving + 1))
+
+    async def _fail_over(self, first: int) -> None:
+        worker, self.worker = self.worker, None
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        if worker is not None:
+            await asyncio.to_thread(worker.close)
+        if first < len(self.chain):
+            await self._serve_from(first)
+        else:
+            self.serving = None
+            self.state = "error"
+            self.error = self.failures[-1]
+        if self.on_change is not None:
+            self.on_change()
 
     async def complete(
         self, request: CompletionRequest, on_partial: PartialCallback | None = None
@@ -189,6 +280,12 @@ class CompletionService:
             # A remote outage: an empty answer with the reason, for the status line.
             stats = CompletionStats(source="error", stop_reason="unavailable")
             return CompletionResult([], stats, error=str(e))
+        except Exception as e:
+            if not is_fatal(e):
+                raise
+            # The fallback takes over (see `_died`); this request answers empty.
+            stats = CompletionStats(source="error", stop_reason="error")
+            return CompletionResult([], stats, error=f"the model stopped: {e}")
 
     def reconfigure(self, completion: CompletionConfig) -> None:
         self.config = dataclasses.replace(self.config, completion=completion)
@@ -201,6 +298,8 @@ class CompletionService:
             self.engine.set_context(context)
 
     def close(self) -> None:
+        if self._failover is not None:
+            self._failover.cancel()
         if self.engine is not None:
             self.engine.close()
         if self.worker is not None:
@@ -211,6 +310,8 @@ class CompletionService:
 
     async def aclose(self) -> None:
         """`close` from the event loop: the worker thread is joined off the loop."""
+        if self._failover is not None:
+            self._failover.cancel()
         if self.engine is not None:
             self.engine.close()  # its timers belong to the loop
             self.engine = None

@@ -17,7 +17,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-from exlsp.completion.backends.base import Backend, BackendUnavailable, GenerationJob
+from exlsp.completion.backends.base import (
+    Backend,
+    BackendUnavailable,
+    GenerationJob,
+    is_fatal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +81,8 @@ class BackendWorker:
         self._lock = threading.Lock()
         self.backend: Backend | None = None
         self._closed = False
+        # Called on the worker thread with a fatal generation error (`is_fatal`).
+        self.on_fatal: Callable[[BaseException], None] | None = None
         self._thread.start()
 
     # -- generic calls -------------------------------------------------------
@@ -165,6 +172,8 @@ class BackendWorker:
         except BaseException as e:
             log.exception("generation failed")
             error = e
+            if is_fatal(e) and self.on_fatal is not None:
+                self.on_fatal(e)
         finally:
             with self._lock:
                 self._live.remove(handle)

@@ -24,6 +24,7 @@ from typing import Any
 from exlsp.completion.assist import CodeActionsConfig, HoverConfig
 from exlsp.completion.config import (
     API_KEY_ENV_PREFIX,
+    AssistModelConfig,
     CompletionConfig,
     EngineConfig,
     ModelConfig,
@@ -39,6 +40,10 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "dtype"): ("auto", "float32", "float16", "bfloat16"),
     ("model", "cacheType"): ("fp16", "q8", "q6", "q4"),
     ("model", "promptFormat"): ("auto", "tokens", "text"),
+    ("assist", "backend"): ("", "transformers", "exllamav2", "openai"),
+    ("assist", "dtype"): ("auto", "float32", "float16", "bfloat16"),
+    ("assist", "cacheType"): ("fp16", "q8", "q6", "q4"),
+    ("assist", "promptFormat"): ("auto", "tokens", "text"),
 }
 # Chosen only by the user: a model to load, a host, a credential, a path to write.
 USER_ONLY: frozenset[tuple[str, str]] = frozenset(
@@ -51,6 +56,15 @@ USER_ONLY: frozenset[tuple[str, str]] = frozenset(
         ("model", "apiKeyEnv"),
         ("model", "verifyTls"),
         ("model", "caFile"),
+        ("model", "fallback"),
+        ("assist", "path"),
+        ("assist", "backend"),
+        ("assist", "baseUrl"),
+        ("assist", "remoteModel"),
+        ("assist", "apiKey"),
+        ("assist", "apiKeyEnv"),
+        ("assist", "verifyTls"),
+        ("assist", "caFile"),
         ("index", "databaseDir"),
         ("index", "sharedIndex"),
         ("index", "embeddingModel"),
@@ -62,7 +76,13 @@ USER_ONLY: frozenset[tuple[str, str]] = frozenset(
     }
 )
 # Values never echoed in messages.
-_SECRETS = {("model", "apiKey"), ("index", "storageSecretAccessKey")}
+# (A fallback entry may hold an API key.)
+_SECRETS = {
+    ("model", "apiKey"),
+    ("model", "fallback"),
+    ("assist", "apiKey"),
+    ("index", "storageSecretAccessKey"),
+}
 # Integers that must be positive; the others must be >= 0.
 _POSITIVE = {
     "prefixTokens",
@@ -91,6 +111,8 @@ class Config:
     completion: CompletionConfig = field(default_factory=CompletionConfig)
     hover: HoverConfig = field(default_factory=HoverConfig)
     codeActions: CodeActionsConfig = field(default_factory=CodeActionsConfig)
+    # The model behind hover and code actions; by default the completion model.
+    assist: AssistModelConfig = field(default_factory=AssistModelConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -123,7 +145,12 @@ def _check(section: str, name: str, typ: Any, value: Any) -> Any:
     if typ is str:
         if not isinstance(value, str):
             raise ValueError("expected a string")
-        if (section, name) == ("model", "apiKeyEnv") and value and not api_key_env_allowed(value):
+        if (
+            name == "apiKeyEnv"
+            and section in ("model", "assist")
+            and value
+            and not api_key_env_allowed(value)
+        ):
             raise ValueError(
                 f"only variables named {API_KEY_ENV_PREFIX}* may hold the API key"
                 f" (set {API_KEY_ENV_PREFIX}API_KEY in the editor's environment)"
@@ -132,11 +159,32 @@ def _check(section: str, name: str, typ: Any, value: Any) -> Any:
         if choices and value.lower() not in choices:
             raise ValueError(f"expected one of {', '.join(choices)}")
         return value.lower() if choices else value
+    if (section, name) == ("model", "fallback"):
+        return _check_fallback(value)
     if typing.get_origin(typ) in (list, types.GenericAlias) or typ is list:
         if not isinstance(value, list):
             raise ValueError("expected a list")
         return list(value)
     raise ValueError(f"unsupported setting type {typ}")
+
+
+def _check_fallback(value: Any) -> list[dict[str, Any]]:
+    """`model.fallback`: a list of partial `model` trees, each checked as `model` is."""
+    if not isinstance(value, list):
+        raise ValueError("expected a list of partial model settings")
+    entries: list[dict[str, Any]] = []
+    for i, entry in enumerate(value):
+        where = f"entry {i + 1}"
+        if not isinstance(entry, dict) or not entry:
+            raise ValueError(f"{where}: expected an object of model settings")
+        if "fallback" in entry:
+            raise ValueError(f"{where}: an entry has no fallback of its own")
+        checked, errors = merge(ModelConfig(), entry, "model")
+        if errors:
+            # The messages name model.<key>; an API key's value is never echoed.
+            raise ValueError(f"{where}: " + "; ".join(e.removeprefix("model.") for e in errors))
+        entries.append({k: getattr(checked, k) for k in entry})
+    return entries
 
 
 def merge(obj: Any, wire: Any, path: str = "") -> tuple[Any, list[str]]:

@@ -33,6 +33,7 @@ from pygls.protocol.json_rpc import RPCNotification, RPCRequest, RPCResponse
 from pygls.protocol.language_server import lsp_method
 from pygls.uris import to_fs_path
 
+from exlsp.completion.assist import Assistant, AssistService
 from exlsp.completion.service import CompletionService
 from exlsp.completion.types import CompletionResult, DocumentView, Trigger
 from exlsp.server.config import LOG_FORMAT, Config, level_number
@@ -303,6 +304,7 @@ class ExlspServer(LanguageServer):
         self.documents = DocumentStore()
         self.config = Config()
         self.service: CompletionService | None = None
+        self.assist: AssistService | None = None  # the model behind hover and code actions
         self.context_source: Any = None  # the index's retriever, when indexing
         self.index: Any = None  # exlsp.index.service.WorkspaceIndex
         self.index_changed = False
@@ -572,10 +574,15 @@ class ExlspServer(LanguageServer):
     # -- model lifecycle --------------------------------------------------------
 
     def start_model(self) -> None:
-        """(Re)load the model in the background; requests meanwhile answer empty."""
+        """(Re)load the models in the background; requests meanwhile answer empty.
+
+        The fallback chain starts again from its first model (a reload retries it)."""
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
         old, self.service = self.service, None
+        old_assist, self.assist = self.assist, None
+        if old_assist is not None:
+            old_assist.close()
         if old is not None:
             # What was frozen after the last load (see _report_load) holds the old
             # model (and a replaced index): hand it back to the collector and collect
@@ -583,15 +590,25 @@ class ExlspServer(LanguageServer):
             # A reload is rare and its completions answer empty anyway.
             gc.unfreeze()
             old.close()
-            del old
+            del old, old_assist
             gc.collect()
-        self.service = CompletionService(self.config.engine(), self.context_source)
-        self._load_task = asyncio.get_running_loop().create_task(self._load(self.service))
+        service = self.service = CompletionService(self.config.engine(), self.context_source)
+        service.on_change = lambda: self._report_load(service)
+        self.assist = AssistService(service, self.config.assist.model_config())
+        self._load_task = asyncio.get_running_loop().create_task(self._load(service))
+
+    @property
+    def assistant(self) -> Assistant | None:
+        """What answers hover and code actions now (None: no model ready)."""
+        return self.assist.assistant if self.assist is not None else None
 
     async def stop_model(self) -> None:
         """For `shutdown`: a load still running is abandoned, not waited for."""
         if self._load_task is not None:
             self._load_task.cancel()
+        assist, self.assist = self.assist, None
+        if assist is not None:
+            await assist.aclose()
         service, self.service = self.service, None
         if service is not None:
             await service.aclose()
@@ -599,16 +616,34 @@ class ExlspServer(LanguageServer):
     async def _load(self, service: CompletionService) -> None:
         self.send_status("loading", "loading the model")
         await service.start()
-        if service is not self.service:
+        if not self._current(service):
             return  # replaced by a newer load
         self._report_load(service)
+        assist = self.assist
+        if assist is not None and assist.separate:
+            # After the completion model: keystrokes matter first.
+            await assist.start()
+            if assist.error and self._current(service):
+                self.show_once(
+                    f"exlsp: the assist model could not be loaded ({assist.error});"
+                    " hover and code actions use the completion model",
+                    types.MessageType.Warning,
+                )
+
+    def _current(self, service: CompletionService) -> bool:
+        return service is self.service
 
     def _report_load(self, service: CompletionService) -> None:
+        if not self._current(service):
+            return  # replaced by a newer load
         if service.state == "ready":
             # The imports and the model are here for good: later collections skip
             # them. (About 500,000 objects; a full collection over them took 0.29 s
             # on a 2-core machine, and one can fall in the middle of a keystroke.)
             gc.freeze()
+            note = service.fallback_note()
+            if note is not None:  # one message when a fallback takes over
+                self.show_once(f"exlsp: {note}", types.MessageType.Warning)
             self.send_status("ready", f"model ready ({service.load_ms or 0:.0f} ms)")
         else:
             message = f"exlsp: the model could not be loaded: {service.error}"
@@ -641,7 +676,14 @@ class ExlspServer(LanguageServer):
                     if service and service.backend
                     else self.config.model.path or "default"
                 ),
-                "backend": self.config.model.backend,
+                "backend": (
+                    service.serving_model.backend
+                    if service and service.serving_model
+                    else self.config.model.backend
+                ),
+                # What serves now, in words (a fallback, when the first could not).
+                "serving": service.serving_label if service else None,
+                "fallback": bool(service and service.serving),
                 "lastLatencyMs": self.last_latency_ms,
             },
         )

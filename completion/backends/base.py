@@ -30,6 +30,22 @@ class BackendUnavailable(RuntimeError):
         self.retry_in = retry_in
 
 
+class BackendDied(RuntimeError):
+    """The backend cannot go on (a crashed device, a corrupted state): every later job
+    would fail too. The service then serves with the next model of the fallback chain.
+
+    An error a backend recovers from (exllamav2's out-of-memory during a generation
+    resets its cache and goes on) is not this; neither is a remote outage.
+    """
+
+
+def is_fatal(error: BaseException) -> bool:
+    """A generation error after which the backend cannot serve again."""
+    # A CUDA error (an illegal memory access, a device-side assert) poisons the
+    # process's CUDA context: every later call fails with it.
+    return isinstance(error, BackendDied) or str(error).startswith("CUDA error")
+
+
 @dataclass
 class GenerationJob:
     prompt: Sequence[int]

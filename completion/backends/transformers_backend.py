@@ -86,6 +86,10 @@ class TransformersBackend:
             device=self.device,
             dtype=str(dtype).removeprefix("torch."),
         )
+        # The weights' memory (the KV cache grows with use on top of it).
+        self.weight_bytes = sum(
+            t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers())
+        )
         self._past: Any = None
         self._cached: list[int] = []  # tokens whose K/V are in self._past, in order
         self._slot = "main"

@@ -22,7 +22,6 @@ from exlsp.completion.assist import (
     CodeActionsConfig,
     RefactorRefused,
     TextEdit,
-    assistant_for,
     available_refactors,
 )
 from exlsp.completion.assist_syntax import Span, parse
@@ -189,7 +188,7 @@ async def compute_edit(ls: ExlspServer, data: dict[str, Any], title: str) -> typ
         raise JsonRpcException(
             f"exlsp: {doc.secret}: not sent to a model", code=types.LSPErrorCodes.RequestFailed
         )
-    assistant = assistant_for(ls.service)
+    assistant = ls.assistant
     if assistant is None:
         raise JsonRpcException("the model is not ready yet", code=types.LSPErrorCodes.RequestFailed)
     selection = _span(doc, data["range"], ls.encoding)

@@ -43,7 +43,7 @@ def apply_settings(ls: ExlspServer, settings: Any, origin: str, from_user: bool 
     new, errors = merge(ls.config, settings)
     for error in errors:
         ls.show_once(f"exlsp: bad setting in {origin}: {error}", types.MessageType.Warning)
-    model_changed = new.model != ls.config.model
+    model_changed = new.model != ls.config.model or new.assist != ls.config.assist
     ls.index_changed = new.index != ls.config.index
     ls.config = new
     ls.apply_logging()

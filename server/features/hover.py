@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from lsprotocol import types
 
-from exlsp.completion.assist import HoverConfig, assistant_for
+from exlsp.completion.assist import HoverConfig
 from exlsp.completion.assist_syntax import Span
 from exlsp.server.documents import line_body, to_units
 from exlsp.server.lsp import ExlspServer
@@ -46,7 +46,7 @@ def register(server: ExlspServer) -> None:
         if not config.enabled:
             return None
         view = ls.document_view(params.text_document.uri, params.position)
-        assistant = assistant_for(ls.service)
+        assistant = ls.assistant
         if assistant is None or ls.secret_document(view.uri):
             return None
         explanation = await assistant.explain(

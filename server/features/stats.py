@@ -26,6 +26,11 @@ def stats_payload(ls: ExlspServer) -> dict[str, Any]:
         "model": dataclasses.asdict(backend.info) if backend else None,
         "fimTemplate": engine.fim.template.family if engine else None,
         "last": {_camel(k): v for k, v in dataclasses.asdict(last).items()} if last else None,
+        # What serves now (`model.fallback`: a later entry when the first could not).
+        "serving": service.serving_label if service else None,
+        "servingIndex": service.serving if service else None,
+        "failures": list(service.failures) if service else [],
+        "assist": ls.assist.stats() if ls.assist is not None else None,
         "index": dataclasses.asdict(ls.index.stats()) if ls.index is not None else None,
         "lastRequest": {"line": req.line, "character": req.character} if req else None,
         "lastPromptSegments": prompt.segment_tokens if prompt else None,
