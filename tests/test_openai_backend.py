@@ -558,7 +558,9 @@ def test_doctor_checks_the_server_and_one_completion(fake, monkeypatch) -> None:
     assert "from $EXLSP_API_KEY" in text and KEY not in text
     assert "estimated: 3 characters per token" in text
     assert "yes, 3 characters" in text
-    assert text.strip().endswith(f"ok: the openai backend serves fake-coder from {fake.base_url}")
+    verdict, next_step = text.strip().splitlines()[-2:]
+    assert verdict.endswith(f"ok: the openai backend serves fake-coder from {fake.base_url}")
+    assert next_step.startswith("next:")
     fake.status = 503
     out = io.StringIO()
     assert run_doctor(model_config(fake), out) == 1

@@ -52,6 +52,7 @@ test("wire keys are the server's sections, never the client-only ones", () => {
 test("defaults map to the full nested tree", () => {
   const tree = buildWireConfig(wireSettingKeys(packageJson), reader());
   assert.deepEqual(Object.keys(tree).sort(), [
+    "assist",
     "codeActions",
     "completion",
     "hover",
@@ -241,6 +242,15 @@ const MACHINE_ONLY = [
   "model.apiKeyEnv",
   "model.caFile",
   "model.verifyTls",
+  "model.fallback",
+  "assist.backend",
+  "assist.path",
+  "assist.baseUrl",
+  "assist.remoteModel",
+  "assist.apiKey",
+  "assist.apiKeyEnv",
+  "assist.caFile",
+  "assist.verifyTls",
   "index.databaseDir",
   "index.sharedIndex",
   "index.storageEndpoint",
