@@ -86,6 +86,9 @@ class CompletionConfig:
     streamPartial: bool = True
     # Type-ahead results kept per document.
     typeAheadEntries: int = 64
+    # Count suggestions shown and accepted, per model and language, in a local file
+    # (`exlsp stats` prints it); nothing is sent anywhere.
+    acceptanceStats: bool = True
 
 
 @dataclass

@@ -12,6 +12,7 @@ import logging
 import time
 from pathlib import Path
 
+from exlsp.completion.acceptance import AcceptanceStats
 from exlsp.completion.backends.base import Backend, BackendUnavailable
 from exlsp.completion.config import CompletionConfig, EngineConfig, ModelConfig
 from exlsp.completion.engine import CompletionEngine, PartialCallback
@@ -130,6 +131,7 @@ class CompletionService:
         self.error: str | None = None
         self.load_ms: float | None = None
         self.context_length = 0
+        self.acceptance = AcceptanceStats(enabled=config.completion.acceptanceStats)
 
     @property
     def backend(self) -> Backend | None:
@@ -186,10 +188,12 @@ class CompletionService:
 
     def reconfigure(self, completion: CompletionConfig) -> None:
         self.config = dataclasses.replace(self.config, completion=completion)
+        self.acceptance.enabled = completion.acceptanceStats
         if self.engine is not None:
             self.engine.reconfigure(fit_budgets(completion, self.context_length))
 
     def close(self) -> None:
+        self.acceptance.close()
         if self.engine is not None:
             self.engine.close()
         if self.worker is not None:
@@ -203,6 +207,7 @@ class CompletionService:
         if self.engine is not None:
             self.engine.close()  # its timers belong to the loop
             self.engine = None
+        await asyncio.to_thread(self.acceptance.close)
         worker, self.worker = self.worker, None
         if worker is not None:
             await asyncio.to_thread(worker.close)

@@ -182,6 +182,21 @@ def cmd_search(args: argparse.Namespace) -> int:
     return run_search(Path(args.path), args.query, load_config(args.config).index, args.limit)
 
 
+# -- stats ------------------------------------------------------------------------------
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from exlsp.completion.acceptance import format_totals, load, stats_path, to_wire
+
+    path = stats_path()
+    totals = load(path)
+    if args.json:
+        print(json.dumps({"path": str(path), **to_wire(totals)}, indent=2))
+    else:
+        print(f"{path}\n{format_totals(totals)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="exlsp", description="AI code completions for any LSP editor from a local model."
@@ -234,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=10)
     p.add_argument("--config", help="a JSON file with the configuration tree")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser(
+        "stats", parents=[common], help="print the local counts of suggestions shown and accepted"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_stats)
 
     args = parser.parse_args(argv)
     if args.command == "serve" and args.tcp and ":" not in args.tcp:

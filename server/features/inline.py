@@ -13,8 +13,9 @@ import re
 
 from lsprotocol import types
 
-from exlsp.completion.types import DocumentView, Suggestion, Trigger
+from exlsp.completion.types import CompletionResult, DocumentView, Suggestion, Trigger
 from exlsp.server.documents import line_body, to_units
+from exlsp.server.features.acceptance import ACCEPTED_COMMAND, acceptance
 from exlsp.server.lsp import ExlspServer
 
 _TRIGGERS = {
@@ -37,8 +38,13 @@ def inline_items(
     position: types.Position,
     suggestions: list[Suggestion],
     encoding: str,
+    ids: list[str] | None = None,
 ) -> list[types.InlineCompletionItem]:
-    """The suggestions as items whose range covers the word typed before the cursor."""
+    """The suggestions as items whose range covers the word typed before the cursor.
+
+    An item with an id (from the acceptance statistics) carries the command that
+    reports its acceptance.
+    """
     word = typed_word(view)
     body = line_body(view.lines[view.line]) if view.lines else ""
     start = types.Position(position.line, to_units(body, view.character - len(word), encoding))
@@ -49,8 +55,11 @@ def inline_items(
             insert_text=word + s.text,
             filter_text=word + s.text,
             range=types.Range(start, end),
+            command=types.Command("exlsp: suggestion accepted", ACCEPTED_COMMAND, arguments=[sid])
+            if sid
+            else None,
         )
-        for s in suggestions
+        for s, sid in zip(suggestions, ids or [""] * len(suggestions), strict=True)
     ]
 
 
@@ -62,6 +71,21 @@ def register(server: ExlspServer) -> None:
         view = ls.document_view(params.text_document.uri, params.position)
         trigger = _TRIGGERS.get(params.context.trigger_kind, Trigger.AUTOMATIC)
         result = await ls.complete(view, params.position, trigger)
+        ids = _count_shown(ls, view, result)
         return types.InlineCompletionList(
-            items=inline_items(view, params.position, result.suggestions, ls.encoding)
+            items=inline_items(view, params.position, result.suggestions, ls.encoding, ids)
         )
+
+
+def _count_shown(ls: ExlspServer, view: DocumentView, result: CompletionResult) -> list[str]:
+    """Each suggestion counted as shown; its id for the accept command."""
+    stats = acceptance(ls)
+    service = ls.service
+    if stats is None or service is None or not result.suggestions:
+        return []
+    model = service.backend.info.path if service.backend else ls.config.model.path
+    word = len(typed_word(view))
+    return [
+        stats.shown(model, view.language, word, len(s.text), result.stats.total_ms)
+        for s in result.suggestions
+    ]
