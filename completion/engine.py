@@ -20,7 +20,7 @@ import functools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from exlsp.completion.backends.base import BackendUnavailable, GenerationJob
@@ -81,34 +81,83 @@ def filter_context(doc: DocumentView, multiline_mode: str = "auto") -> FilterCon
 
 # -- type-ahead ----------------------------------------------------------------
 
-PlaceKey = tuple[str, str, str]  # (uri, prefix window, suffix window)
+# A place is the text near the cursor, not the prompt's whole windows: a
+# suggestion stays good after an edit further up, after the window's start
+# moved, and after the cursor went elsewhere and came back.
+PlaceKey = tuple[str, str, str]  # (uri, lines above, rest of the line + the line below)
+_KEY_LINES_ABOVE = 3
+
+
+def _place(uri: str, above: Sequence[str], right: str, below: str) -> PlaceKey:
+    # Trailing blanks: editors strip them on Enter; they do not change what comes next.
+    near = "\n".join(line.rstrip() for line in above[-_KEY_LINES_ABOVE:])
+    return (uri, near, f"{right}\n{below.rstrip()}")
+
+
+def place_key(doc: DocumentView) -> PlaceKey:
+    """The type-ahead place of a request: lines just above, right of the cursor, line below."""
+    above = [_eol_stripped(s) for s in doc.lines[max(0, doc.line - _KEY_LINES_ABOVE) : doc.line]]
+    line = _eol_stripped(doc.lines[doc.line]) if doc.line < len(doc.lines) else ""
+    below = _eol_stripped(doc.lines[doc.line + 1]) if doc.line + 1 < len(doc.lines) else ""
+    return _place(doc.uri, above, line[doc.character :], below)
+
+
+@dataclass(frozen=True)
+class TypeAheadHit:
+    text: str  # the rest of the suggestion, from the cursor
+    origin: str  # "model" or "prefetch": what made the suggestion
 
 
 class TypeAheadCache:
     """Suggestions by place and by the text left of the cursor on its line."""
 
     def __init__(self, places: int) -> None:
-        self._places: OrderedDict[PlaceKey, dict[str, str]] = OrderedDict()
+        self._places: OrderedDict[PlaceKey, dict[str, tuple[str, str]]] = OrderedDict()
         self._size = max(1, places)
 
-    def put(self, key: PlaceKey, left: str, text: str) -> None:
+    def put(self, key: PlaceKey, left: str, text: str, origin: str = "model") -> None:
         entries = self._places.setdefault(key, {})
         self._places.move_to_end(key)
-        entries[left] = text
+        entries[left] = (text, origin)
         if len(entries) > 128:
             entries.pop(next(iter(entries)))
         if len(self._places) > self._size:
             self._places.popitem(last=False)
 
-    def get(self, key: PlaceKey, left: str) -> str | None:
+    def put_suggestion(
+        self, doc: DocumentView, left: str, text: str, origin: str = "model"
+    ) -> None:
+        """`text` suggested at `doc`'s cursor, also kept for after each of its line breaks.
+
+        A user who types the suggested lines presses Enter: the next line's request
+        then comes from a new place (the typed line is above it), where the rest of
+        the suggestion still applies.
+        """
+        key = place_key(doc)
+        self.put(key, left, text, origin)
+        lines = text.split("\n")
+        if len(lines) < 2:
+            return
+        start = max(0, doc.line - _KEY_LINES_ABOVE)
+        above = [_eol_stripped(s) for s in doc.lines[start : doc.line]] + [left + lines[0]]
+        right_below = key[2]
+        for i in range(1, len(lines)):
+            rest = "\n".join(lines[i:])
+            if rest.strip():
+                near = _place(doc.uri, above, "", "")[1]
+                self.put((doc.uri, near, right_below), "", rest, origin)
+            above.append(lines[i])
+
+    def get(self, key: PlaceKey, left: str) -> TypeAheadHit | None:
         """The rest of a cached suggestion the user has been typing, if any."""
         entries = self._places.get(key)
         if not entries:
             return None
         if left in entries:
-            return entries[left]
-        best: tuple[int, str] | None = None
-        for old_left, text in entries.items():
+            text, origin = entries[left]
+            return TypeAheadHit(text, origin)
+        best: tuple[int, TypeAheadHit] | None = None
+        for old_left, (text, origin) in entries.items():
             if len(old_left) < len(left) and left.startswith(old_left):
                 typed = left[len(old_left) :]
                 rest = text[len(typed) :]
@@ -117,7 +166,7 @@ class TypeAheadCache:
                     and rest.strip()
                     and (best is None or len(old_left) > best[0])
                 ):
-                    best = (len(old_left), rest)
+                    best = (len(old_left), TypeAheadHit(rest, origin))
         return best[1] if best else None
 
 
@@ -376,7 +425,7 @@ class CompletionEngine:
         snippets = await self.snippets.get(doc)
         prompt = self.builder.build(doc, snippets)
         self.last_prompt = prompt
-        key: PlaceKey = (doc.uri, prompt.prefix, prompt.suffix)
+        key = place_key(doc)
         left = ctx.line_prefix
         stats = CompletionStats(
             prompt_tokens=len(prompt.ids),
@@ -387,8 +436,8 @@ class CompletionEngine:
 
         cached = self.type_ahead.get(key, left)
         if cached is not None:
-            stats.source = "type-ahead"
-            return self._finish(stats, t0, cached)
+            stats.source = "prefetch" if cached.origin == "prefetch" else "type-ahead"
+            return self._finish(stats, t0, cached.text)
 
         gen = self._running
         typed = left[len(gen.left) :] if gen is not None and left.startswith(gen.left) else None
@@ -422,7 +471,7 @@ class CompletionEngine:
             return self._finish(stats, t0, "")
         text = postprocess(raw[len(typed) :], ctx, final=True).text
         if text:
-            self.type_ahead.put(key, left, text)
+            self.type_ahead.put_suggestion(doc, left, text)
         return self._finish(stats, t0, text)
 
     def _finish(self, stats: CompletionStats, t0: float, text: str) -> CompletionResult:

@@ -266,3 +266,75 @@ async def test_snippets_stay_fixed_while_typing_even_if_an_idle_fetch_ends(make_
     prompts = [backend.tokenizer.decode(j.prompt) for j in backend.jobs]
     assert all("helper_1" in p and "helper_2" not in p for p in prompts)
     assert engine.warmups == 0
+
+
+# -- type-ahead that survives small edits -------------------------------------------
+
+FUNC = "import os\n\n\ndef add(a, b):\n    \n\n\nprint(add(1, 2))\n"
+
+
+async def test_type_ahead_survives_an_edit_above_the_cursor(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine, backend = await make_engine(lambda p: "return a + b\n")
+    await engine.complete(req(FUNC, 4, 4))
+    edited = FUNC.replace("import os\n", "import os\nimport sys\n")  # three lines up and more
+    result = await engine.complete(req(edited, 5, 4))
+    assert result.stats.source == "type-ahead"
+    assert result.suggestions[0].text == "return a + b"
+    assert len(backend.jobs) == 1
+
+
+async def test_type_ahead_continues_on_the_next_suggested_line(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine, backend = await make_engine(lambda p: "total = a + b\n    return total\n\n\nx")
+    first = await engine.complete(req(FUNC, 4, 4))
+    assert first.suggestions[0].text == "total = a + b\n    return total"
+    # The user typed the first line and pressed Enter; the editor indented the new line.
+    typed = FUNC.replace("    \n", "    total = a + b\n    \n", 1)
+    after_enter = await engine.complete(req(typed, 5, 4))
+    assert after_enter.stats.source == "type-ahead"
+    assert after_enter.suggestions[0].text == "return total"
+    typed_more = typed.replace("    \n", "    ret\n", 1)
+    more = await engine.complete(req(typed_more, 5, 7))
+    assert more.suggestions[0].text == "urn total"
+    assert len(backend.jobs) == 1
+
+
+async def test_type_ahead_survives_a_cursor_move_away_and_back(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine, backend = await make_engine(lambda p: "return a + b\n")
+    await engine.complete(req(FUNC, 4, 4))
+    # Up to the imports to fix something (a request there), then back to the function.
+    fixed = FUNC.replace("import os", "import sys")
+    await engine.complete(req(fixed, 0, len("import sys")))
+    jobs = len(backend.jobs)
+    back = await engine.complete(req(fixed, 4, 4))
+    assert back.stats.source == "type-ahead"
+    assert back.suggestions[0].text == "return a + b"
+    assert len(backend.jobs) == jobs
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda t: t.replace("def add(a, b):", "def add(a, b, c):"),  # the line above
+        lambda t: t,  # nothing changed: the control
+        lambda t: t.replace("\n\n\nprint", "\nc = 3\n\nprint", 1),  # the line below
+    ],
+    ids=["line-above", "unchanged", "line-below"],
+)
+async def test_no_type_ahead_when_the_text_near_the_cursor_differs(make_engine, change) -> None:  # type: ignore[no-untyped-def]
+    engine, backend = await make_engine(lambda p: "return a + b\n")
+    await engine.complete(req(FUNC, 4, 4))
+    changed = change(FUNC)
+    result = await engine.complete(req(changed, 4, 4))
+    if changed == FUNC:
+        assert result.stats.source == "type-ahead"  # the control: the same text hits
+    else:
+        assert result.stats.source == "model"
+        assert len(backend.jobs) == 2
+
+
+async def test_no_type_ahead_when_the_text_right_of_the_cursor_differs(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine, backend = await make_engine(lambda p: "foo(a)\n")
+    await engine.complete(req("x = \n", 0, 4))
+    result = await engine.complete(req("x = )\n", 0, 4))
+    assert result.stats.source == "model"
+    assert len(backend.jobs) == 2
