@@ -27,6 +27,7 @@ import os
 import random
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -354,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     payload = {
         "benchmark": "repo_eval",
         "command": "python -m exlsp.benchmarks.repo_eval "
-        + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": provenance.now(),
         "commit": provenance.commit_info(),
         "machine": provenance.machine_info(("torch", "transformers", "tokenizers")),
