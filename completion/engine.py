@@ -94,6 +94,21 @@ def accepted_view(doc: DocumentView, text: str) -> DocumentView:
     return dataclasses.replace(doc, lines=lines, line=row, character=col)
 
 
+def accepted_place(doc: DocumentView, text: str) -> tuple[PlaceKey, str]:
+    """`place_key` and the cursor line's left text of `accepted_view(doc, text)`.
+
+    From the lines near the cursor only: this runs at every keystroke that types
+    along a suggestion, whatever the file's size.
+    """
+    lo = max(0, doc.line - _KEY_LINES_ABOVE)
+    near = accepted_view(
+        dataclasses.replace(doc, lines=list(doc.lines[lo : doc.line + 2]), line=doc.line - lo),
+        text,
+    )
+    left = _eol_stripped(near.lines[near.line])[: near.character][-_LEFT_CONTEXT:]
+    return place_key(near), left
+
+
 # -- type-ahead ----------------------------------------------------------------
 
 # A place is the text near the cursor, not the prompt's whole windows: a
@@ -522,9 +537,7 @@ class CompletionEngine:
         """
         if not self.config.prefetch:
             return
-        after = accepted_view(doc, text)
-        key = place_key(after)
-        after_left = _eol_stripped(after.lines[after.line])[: after.character][-_LEFT_CONTEXT:]
+        key, after_left = accepted_place(doc, text)
         running = self._prefetch
         if running is not None and running.key == key and running.left == after_left:
             return  # already under way
@@ -533,6 +546,7 @@ class CompletionEngine:
             return
         if not self.worker.idle:
             return
+        after = accepted_view(doc, text)
         ctx = filter_context(after, self.config.multiline)
         try:
             prompt = self.prefetch_builder.build(after, self.snippets.current(doc.uri))

@@ -8,7 +8,13 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from exlsp.completion.config import CompletionConfig
-from exlsp.completion.engine import CompletionEngine, InvalidPosition, accepted_view, place_key
+from exlsp.completion.engine import (
+    CompletionEngine,
+    InvalidPosition,
+    accepted_place,
+    accepted_view,
+    place_key,
+)
 from exlsp.completion.fim import TEMPLATES, FimTokens
 from exlsp.completion.types import CompletionRequest, DocumentView, Snippet
 from exlsp.completion.worker import BackendWorker
@@ -420,3 +426,13 @@ def test_accepted_view_puts_the_cursor_after_the_insertion() -> None:
     two = accepted_view(doc, "x,\n  y)")
     assert list(two.lines) == ["a = f(x,\r\n", "  y)\r\n", "z\r\n", ""]
     assert (two.line, two.character) == (1, 4)
+
+
+@pytest.mark.parametrize("text", ["x, y", "x,\n  y)", "a\nb\nc\nd\ne", "\n"])
+@pytest.mark.parametrize("line", [0, 1, 5])
+def test_the_accepted_place_is_the_place_of_the_accepted_document(text: str, line: int) -> None:
+    source = "".join(f"line_{i} = f(\n" for i in range(8))
+    doc = req(source, line, len(f"line_{line} = f(")).document
+    after = accepted_view(doc, text)
+    left = after.lines[after.line].rstrip("\n")[: after.character]
+    assert accepted_place(doc, text) == (place_key(after), left)
