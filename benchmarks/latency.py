@@ -35,6 +35,14 @@ Usage (CPU, the built-in tiny model):
 
     python -m exlsp.benchmarks.latency --name latency-cpu-tiny
 
+The accepting typist (`python -m exlsp.benchmarks.latency accept`) types the
+same kind of span but reads each answer first: when the suggestion is what
+they were about to type they accept it (the whole item, running its command;
+or, from 4 characters, the words that agree, reported with
+`exlsp/didPartiallyAccept`) and ask again at once. It reports accepted
+characters per keystroke and the wait after each accept, per backend, with
+`completion.prefetch` on and off.
+
 Results: `benchmarks/results/<name>.json` (machine, commit, date, configuration
 and every variant's figures, including each request) and a table on stdout.
 """
@@ -73,6 +81,7 @@ VARIANTS = ("reuse", "noreuse", "instant")
 TARGET_PREFILL_WITHIN_LINE = 16  # median prefilled tokens per keystroke within a line
 TARGET_OVERHEAD_P50_MS = 2.0  # instant backend, per request
 MIN_PROMPT_TOKENS = 1000
+MIN_PARTIAL_ACCEPT = 4  # the accepting typist takes part of a suggestion from this many chars
 
 
 def default_file() -> Path:
@@ -952,7 +961,271 @@ def targets(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# --- the accepting typist ---------------------------------------------------------------
+
+
+@dataclass
+class AcceptStep:
+    typed: int  # characters of the span in the document before this step
+    latency_ms: float  # the inline request's answer time
+    after_accept: bool  # the request came right after an accept
+    suggestion_chars: int
+    accepted_chars: int  # what this step's accept took (0: the typist typed on)
+    source: str = ""  # the engine's `last.source` for this request
+
+
+def accept_length(suggestion: str, upcoming: str) -> int:
+    """What the typist takes from `suggestion` when `upcoming` is what they were about to
+    type: all of it when it matches, else the words it agrees on (0: type on)."""
+    from exlsp.benchmarks.repo_eval import chars_accepted
+
+    take = chars_accepted(suggestion, upcoming)
+    # A word or two of punctuation is quicker typed than accepted.
+    return take if take == len(suggestion) or take >= MIN_PARTIAL_ACCEPT else 0
+
+
+async def _accepting(
+    client: RpcClient, file: Path, plan: ReplayPlan, keystrokes: int, deadline_s: float
+) -> list[AcceptStep]:
+    """Type the span; after each answer, accept what matches the text still to type.
+
+    The typist reads each answer before the next keystroke (no cancel-previous): an
+    accept inserts the item (its `insertText` over its `range`, as the editor does),
+    runs the item's command, and asks for the next suggestion at once; that
+    request's time is the wait after the accept.
+    """
+    uri = file.resolve().as_uri()
+    language = "python" if file.suffix in (".py", ".pyi") else file.suffix.lstrip(".")
+    client.notify(
+        "textDocument/didOpen",
+        {"textDocument": {"uri": uri, "languageId": language, "version": 1, "text": plan.document}},
+    )
+    version = 1
+    span = plan.typed
+    done = 0  # characters of the span in the document
+    typed_keys = 0
+    steps: list[AcceptStep] = []
+    after_accept = False
+
+    def cursor() -> dict[str, int]:
+        text = plan.text_before + span[:done]
+        last = text.rsplit("\n", 1)[-1]
+        return {"line": text.count("\n"), "character": _utf16_len(last)}
+
+    def edit(rng: dict[str, Any], text: str) -> None:
+        nonlocal version
+        version += 1
+        client.notify(
+            "textDocument/didChange",
+            {
+                "textDocument": {"uri": uri, "version": version},
+                "contentChanges": [{"range": rng, "text": text}],
+            },
+        )
+
+    while done < len(span) and typed_keys < keystrokes:
+        t = time.perf_counter()
+        params = {"textDocument": {"uri": uri}, "position": cursor(), "context": {"triggerKind": 2}}
+        result = await client.call("textDocument/inlineCompletion", params, timeout=deadline_s + 30)
+        latency = (time.perf_counter() - t) * 1000
+        stats = await client.call("exlsp/stats", {})
+        items = (result or {}).get("items") or []
+        item = items[0] if items else None
+        suggestion = ""
+        if item is not None:
+            # The item replaces the typed word: what it adds starts after the word.
+            left = (plan.text_before + span[:done]).rsplit("\n", 1)[-1]
+            word = re.search(r"[\w$]*$", left)
+            insert = item.get("insertText", "")
+            typed_word = word.group(0) if word else ""
+            suggestion = insert[len(typed_word) :] if insert.startswith(typed_word) else ""
+        upcoming = span[done:]
+        take = accept_length(suggestion, upcoming) if suggestion else 0
+        steps.append(
+            AcceptStep(
+                done,
+                latency,
+                after_accept,
+                len(suggestion),
+                take,
+                (stats.get("last") or {}).get("source", ""),
+            )
+        )
+        if take and item is not None:
+            # Accept: the whole item when it all matches, else the agreeing words.
+            if take == len(suggestion):
+                edit(item["range"], item["insertText"])
+                command = item.get("command")
+                if command:
+                    await client.call(
+                        "workspace/executeCommand",
+                        {"command": command["command"], "arguments": command.get("arguments")},
+                    )
+            else:
+                at = cursor()
+                edit({"start": at, "end": at}, suggestion[:take])
+                if item.get("command"):
+                    client.notify(
+                        "exlsp/didPartiallyAccept",
+                        {
+                            "id": item["command"]["arguments"][0],
+                            "acceptedLength": len(item["insertText"]) - len(suggestion) + take,
+                            "kind": "word",
+                        },
+                    )
+            done += take
+            after_accept = True
+            continue
+        # Type one character.
+        at = cursor()
+        edit({"start": at, "end": at}, span[done])
+        done += 1
+        typed_keys += 1
+        after_accept = False
+    return steps
+
+
+def accept_summary(steps: Sequence[AcceptStep]) -> dict[str, Any]:
+    keys = sum(1 for s in steps if s.accepted_chars == 0)
+    accepted = sum(s.accepted_chars for s in steps)
+    accepts = [s for s in steps if s.accepted_chars]
+    waits = [s.latency_ms for s in steps if s.after_accept]
+    return {
+        "keystrokes": keys,
+        "accepts": len(accepts),
+        "accepted_chars": accepted,
+        "accepted_chars_per_keystroke": round(accepted / keys, 3) if keys else None,
+        "span_chars": (steps[-1].typed + max(1, steps[-1].accepted_chars)) if steps else 0,
+        "wait_after_accept_ms": dist(waits),
+        "latency_ms": dist([s.latency_ms for s in steps]),
+        "sources_after_accept": dict(Counter(s.source for s in steps if s.after_accept)),
+    }
+
+
+async def _accept_run(
+    server_cmd: list[str],
+    file: Path,
+    keystrokes: int,
+    init_options: dict[str, Any],
+    start_line: int | None,
+) -> dict[str, Any]:
+    text = file.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
+    completion = init_options.get("completion") or {}
+    count = _token_counter(_model_dir(init_options))
+    plan = plan_replay(
+        text, keystrokes, count, int(completion.get("prefixTokens", 1024)), start_line
+    )
+    deadline_s = float(completion.get("deadlineMs", 2000)) / 1000
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    client = RpcClient()
+    with tempfile.TemporaryFile(mode="w+b") as stderr:
+        await client.start(server_cmd, stderr, env)
+        try:
+            root = file.parent.resolve()
+            await client.call(
+                "initialize",
+                {
+                    "processId": os.getpid(),
+                    "rootUri": root.as_uri(),
+                    "workspaceFolders": [{"uri": root.as_uri(), "name": root.name}],
+                    "capabilities": _capabilities(),
+                    "initializationOptions": init_options,
+                },
+            )
+            client.notify("initialized", {})
+            ready = await _wait_ready(client, 600)
+            if ready["state"] != "ready":
+                raise RuntimeError(f"the server could not load the model: {ready.get('error')}")
+            steps = await _accepting(client, file, plan, keystrokes, deadline_s)
+        finally:
+            await client.close()
+    out = accept_summary(steps)
+    out["plan"] = {"file": str(file), "start_line": plan.start_line + 1, "span": plan.typed}
+    out["steps"] = [
+        {
+            "typed": s.typed,
+            "latencyMs": round(s.latency_ms, 2),
+            "afterAccept": s.after_accept,
+            "suggestionChars": s.suggestion_chars,
+            "acceptedChars": s.accepted_chars,
+            "source": s.source,
+        }
+        for s in steps
+    ]
+    return out
+
+
+def main_accept(argv: Sequence[str]) -> int:
+    """The accepting typist: backends x prefetch on/off, side by side, one results file."""
+    p = argparse.ArgumentParser(prog="python -m exlsp.benchmarks.latency accept")
+    p.add_argument("--file", type=Path, default=None)
+    p.add_argument("--model", default="")
+    p.add_argument("--backends", default="instant,transformers")
+    p.add_argument("--keystrokes", type=int, default=300)
+    p.add_argument("--start-line", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--name", default="latency-accept")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    args = p.parse_args(argv)
+    model = args.model
+    if not model:
+        from exlsp.benchmarks.build_model import default_model_dir
+
+        model = str(default_model_dir())
+    scratch = Path(tempfile.mkdtemp(prefix="exlsp-accept-"))
+    file = Path(
+        shutil.copy(args.file or default_file(), scratch / (args.file or default_file()).name)
+    )
+    server_cmd = [sys.executable, "-m", "exlsp.server", "serve"]
+    results: dict[str, Any] = {}
+    for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+        for prefetch in (True, False):
+            options = {
+                "model": {"path": model, "backend": backend, "device": "cpu", "threads": 1},
+                "completion": {
+                    "maxTokens": args.max_tokens,
+                    "maxTokensSingleLine": args.max_tokens,
+                    "prefetch": prefetch,
+                    "acceptanceStats": False,
+                },
+                "index": {"enabled": False},
+            }
+            label = f"{backend}/prefetch-{'on' if prefetch else 'off'}"
+            start = args.start_line - 1 if args.start_line else None
+            results[label] = asyncio.run(
+                _accept_run(server_cmd, file, args.keystrokes, options, start)
+            )
+    rows = [
+        f"{'variant':<28} {'keys':>5} {'accepts':>7} {'acc/key':>7} {'wait p50':>9} {'wait p95':>9}"
+    ]
+    for label, r in results.items():
+        w = r["wait_after_accept_ms"]
+        rows.append(
+            f"{label:<28} {r['keystrokes']:>5} {r['accepts']:>7} "
+            f"{r['accepted_chars_per_keystroke'] or 0:>7.3f} "
+            f"{w.get('p50') or 0:>9.1f} {w.get('p95') or 0:>9.1f}"
+        )
+    print("\n".join(rows))
+    payload = {
+        "benchmark": "latency-accept",
+        "command": "python -m exlsp.benchmarks.latency accept " + " ".join(argv),
+        "date": now(),
+        "commit": commit_info(),
+        "machine": machine_info(),
+        "model": model,
+        "results": results,
+    }
+    from exlsp.benchmarks.provenance import write_results
+
+    write_results(args.results_dir / f"{args.name}.json", payload)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if args_in[:1] == ["accept"]:
+        return main_accept(args_in[1:])
     p = argparse.ArgumentParser(
         prog="python -m exlsp.benchmarks.latency",
         description="Replay typing through `exlsp serve` and measure per-keystroke latency.",

@@ -163,6 +163,12 @@ class CompletionConfig:
     streamPartial: bool = True
     # Type-ahead results kept per document.
     typeAheadEntries: int = 64
+    # While a suggestion is shown, generate the one after it in the background, as if
+    # it were accepted (the next keystroke that needs the model cancels it).
+    prefetch: bool = True
+    # Count suggestions shown and accepted, per model and language, in a local file
+    # (`exlsp stats` prints it); nothing is sent anywhere.
+    acceptanceStats: bool = True
 
 
 @dataclass

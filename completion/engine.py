@@ -20,7 +20,7 @@ import functools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from exlsp.completion.backends.base import BackendUnavailable, GenerationJob
@@ -79,36 +79,115 @@ def filter_context(doc: DocumentView, multiline_mode: str = "auto") -> FilterCon
     )
 
 
+def accepted_view(doc: DocumentView, text: str) -> DocumentView:
+    """`doc` after `text` was inserted at its cursor, the cursor after the insertion."""
+    line = doc.lines[doc.line] if doc.line < len(doc.lines) else ""
+    body = _eol_stripped(line)
+    eol = line[len(body) :] or "\n"
+    inserted = text.split("\n")
+    new = [body[: doc.character] + inserted[0]]
+    new += inserted[1:]
+    new = [s + eol for s in new[:-1]] + [new[-1] + line[doc.character :]]
+    lines = [*doc.lines[: doc.line], *new, *doc.lines[doc.line + 1 :]]
+    row = doc.line + len(inserted) - 1
+    col = (doc.character if len(inserted) == 1 else 0) + len(inserted[-1])
+    return dataclasses.replace(doc, lines=lines, line=row, character=col)
+
+
+def accepted_place(doc: DocumentView, text: str) -> tuple[PlaceKey, str]:
+    """`place_key` and the cursor line's left text of `accepted_view(doc, text)`.
+
+    From the lines near the cursor only: this runs at every keystroke that types
+    along a suggestion, whatever the file's size.
+    """
+    lo = max(0, doc.line - _KEY_LINES_ABOVE)
+    near = accepted_view(
+        dataclasses.replace(doc, lines=list(doc.lines[lo : doc.line + 2]), line=doc.line - lo),
+        text,
+    )
+    left = _eol_stripped(near.lines[near.line])[: near.character][-_LEFT_CONTEXT:]
+    return place_key(near), left
+
+
 # -- type-ahead ----------------------------------------------------------------
 
-PlaceKey = tuple[str, str, str]  # (uri, prefix window, suffix window)
+# A place is the text near the cursor, not the prompt's whole windows: a
+# suggestion stays good after an edit further up, after the window's start
+# moved, and after the cursor went elsewhere and came back.
+PlaceKey = tuple[str, str, str]  # (uri, lines above, rest of the line + the line below)
+_KEY_LINES_ABOVE = 3
+
+
+def _place(uri: str, above: Sequence[str], right: str, below: str) -> PlaceKey:
+    # Trailing blanks: editors strip them on Enter; they do not change what comes next.
+    near = "\n".join(line.rstrip() for line in above[-_KEY_LINES_ABOVE:])
+    return (uri, near, f"{right}\n{below.rstrip()}")
+
+
+def place_key(doc: DocumentView) -> PlaceKey:
+    """The type-ahead place of a request: lines just above, right of the cursor, line below."""
+    above = [_eol_stripped(s) for s in doc.lines[max(0, doc.line - _KEY_LINES_ABOVE) : doc.line]]
+    line = _eol_stripped(doc.lines[doc.line]) if doc.line < len(doc.lines) else ""
+    below = _eol_stripped(doc.lines[doc.line + 1]) if doc.line + 1 < len(doc.lines) else ""
+    return _place(doc.uri, above, line[doc.character :], below)
+
+
+@dataclass(frozen=True)
+class TypeAheadHit:
+    text: str  # the rest of the suggestion, from the cursor
+    origin: str  # "model" or "prefetch": what made the suggestion
 
 
 class TypeAheadCache:
     """Suggestions by place and by the text left of the cursor on its line."""
 
     def __init__(self, places: int) -> None:
-        self._places: OrderedDict[PlaceKey, dict[str, str]] = OrderedDict()
+        self._places: OrderedDict[PlaceKey, dict[str, tuple[str, str]]] = OrderedDict()
         self._size = max(1, places)
 
-    def put(self, key: PlaceKey, left: str, text: str) -> None:
+    def put(self, key: PlaceKey, left: str, text: str, origin: str = "model") -> None:
         entries = self._places.setdefault(key, {})
         self._places.move_to_end(key)
-        entries[left] = text
+        entries[left] = (text, origin)
         if len(entries) > 128:
             entries.pop(next(iter(entries)))
         if len(self._places) > self._size:
             self._places.popitem(last=False)
 
-    def get(self, key: PlaceKey, left: str) -> str | None:
+    def put_suggestion(
+        self, doc: DocumentView, left: str, text: str, origin: str = "model"
+    ) -> None:
+        """`text` suggested at `doc`'s cursor, also kept for after each of its line breaks.
+
+        A user who types the suggested lines presses Enter: the next line's request
+        then comes from a new place (the typed line is above it), where the rest of
+        the suggestion still applies.
+        """
+        key = place_key(doc)
+        self.put(key, left, text, origin)
+        lines = text.split("\n")
+        if len(lines) < 2:
+            return
+        start = max(0, doc.line - _KEY_LINES_ABOVE)
+        above = [_eol_stripped(s) for s in doc.lines[start : doc.line]] + [left + lines[0]]
+        right_below = key[2]
+        for i in range(1, len(lines)):
+            rest = "\n".join(lines[i:])
+            if rest.strip():
+                near = _place(doc.uri, above, "", "")[1]
+                self.put((doc.uri, near, right_below), "", rest, origin)
+            above.append(lines[i])
+
+    def get(self, key: PlaceKey, left: str) -> TypeAheadHit | None:
         """The rest of a cached suggestion the user has been typing, if any."""
         entries = self._places.get(key)
         if not entries:
             return None
         if left in entries:
-            return entries[left]
-        best: tuple[int, str] | None = None
-        for old_left, text in entries.items():
+            text, origin = entries[left]
+            return TypeAheadHit(text, origin)
+        best: tuple[int, TypeAheadHit] | None = None
+        for old_left, (text, origin) in entries.items():
             if len(old_left) < len(left) and left.startswith(old_left):
                 typed = left[len(old_left) :]
                 rest = text[len(typed) :]
@@ -117,7 +196,7 @@ class TypeAheadCache:
                     and rest.strip()
                     and (best is None or len(old_left) > best[0])
                 ):
-                    best = (len(old_left), rest)
+                    best = (len(old_left), TypeAheadHit(rest, origin))
         return best[1] if best else None
 
 
@@ -313,9 +392,14 @@ class CompletionEngine:
         self.fim = fim
         self.config = config
         self.builder = PromptBuilder(tokenizer, fim, config)
+        # Prompts for the text after an accept: a window of their own, so that building
+        # one does not move the window of the user's next request.
+        self.prefetch_builder = PromptBuilder(tokenizer, fim, config)
         self.type_ahead = TypeAheadCache(config.typeAheadEntries)
         self.snippets = StickySnippets(context or NoContext(), config, self._warm)
         self._running: _Generation | None = None
+        self._prefetch: _Generation | None = None
+        self.prefetches = 0
         self.last_stats: CompletionStats | None = None
         self.last_prompt: BuiltPrompt | None = None
         self.last_request: DocumentView | None = None
@@ -324,6 +408,7 @@ class CompletionEngine:
     def reconfigure(self, config: CompletionConfig) -> None:
         self.config = config
         self.builder.config = config
+        self.prefetch_builder.config = config
         self.snippets.config = config
 
     def set_context(self, context: ContextSource | None) -> None:
@@ -333,12 +418,14 @@ class CompletionEngine:
     def forget(self, uri: str) -> None:
         """A document closed: drop its per-document state."""
         self.builder.forget(uri)
+        self.prefetch_builder.forget(uri)
         self.snippets.forget(uri)
 
     def close(self) -> None:
         self.snippets.close()
-        if self._running is not None:
-            self._running.cancel()
+        for gen in (self._running, self._prefetch):
+            if gen is not None:
+                gen.cancel()
 
     def _warm(self, doc: DocumentView) -> None:
         """Snippets changed while the editor was idle: prefill the new prompt now.
@@ -381,7 +468,7 @@ class CompletionEngine:
         snippets = await self.snippets.get(doc)
         prompt = self.builder.build(doc, snippets)
         self.last_prompt = prompt
-        key: PlaceKey = (doc.uri, prompt.prefix, prompt.suffix)
+        key = place_key(doc)
         left = ctx.line_prefix
         stats = CompletionStats(
             prompt_tokens=len(prompt.ids),
@@ -392,26 +479,26 @@ class CompletionEngine:
 
         cached = self.type_ahead.get(key, left)
         if cached is not None:
-            stats.source = "type-ahead"
-            return self._finish(stats, t0, cached)
+            stats.source = "prefetch" if cached.origin == "prefetch" else "type-ahead"
+            self._prefetch_after(doc, left, cached.text)
+            return self._finish(stats, t0, cached.text)
 
-        gen = self._running
-        typed = left[len(gen.left) :] if gen is not None and left.startswith(gen.left) else None
-        if (
-            gen is not None
-            and gen.key == key
-            and typed is not None
-            and (gen.raw.startswith(typed) or typed.startswith(gen.raw))
-        ):
+        running, typed = self._attachable(self._running, key, left)
+        prefetched, typed_since_prefetch = self._attachable(self._prefetch, key, left)
+        if running is not None:
+            gen = running
             stats.source = "attached"
+        elif prefetched is not None:
+            gen, typed = prefetched, typed_since_prefetch
+            stats.source = "prefetch"
         else:
-            if gen is not None:
-                gen.cancel()
+            if self._running is not None:
+                self._running.cancel()
             gen = self._start(key, left, ctx, prompt, t0)
             typed = ""
         raw = await self._wait(gen, on_partial, typed)
         job_stats = gen.handle.job.stats
-        if stats.source != "attached":
+        if stats.source == "model":
             stats.reused_tokens = job_stats.reused_tokens
             stats.prefilled_tokens = job_stats.prefilled_tokens
             stats.reuse_known = job_stats.reuse_known
@@ -428,8 +515,79 @@ class CompletionEngine:
             return self._finish(stats, t0, "")
         text = postprocess(raw[len(typed) :], ctx, final=True).text
         if text:
-            self.type_ahead.put(key, left, text)
+            self.type_ahead.put_suggestion(doc, left, text)
+            self._prefetch_after(doc, left, text)
         return self._finish(stats, t0, text)
+
+    @staticmethod
+    def _attachable(
+        gen: _Generation | None, key: PlaceKey, left: str
+    ) -> tuple[_Generation | None, str]:
+        """`gen` and what was typed since it started, if it still fits the request."""
+        if gen is None or gen.key != key or not left.startswith(gen.left):
+            return None, ""
+        typed = left[len(gen.left) :]
+        if gen.raw.startswith(typed) or typed.startswith(gen.raw):
+            return gen, typed
+        return None, ""
+
+    # -- the suggestion after the next accept ----------------------------------------
+
+    def _prefetch_after(self, doc: DocumentView, left: str, text: str) -> None:
+        """Generate, in the background, the suggestion for the text after accepting `text`.
+
+        Accepting then shows the next suggestion from the type-ahead cache, with no
+        model wait. The job has the background priority: the next request that
+        needs the model cancels it. It starts only when the backend has nothing
+        else to do (it would cancel a hover otherwise).
+        """
+        if not self.config.prefetch:
+            return
+        key, after_left = accepted_place(doc, text)
+        running = self._prefetch
+        if running is not None and running.key == key and running.left == after_left:
+            return  # already under way
+        hit = self.type_ahead.get(key, after_left)
+        if hit is not None and hit.origin == "prefetch":
+            return
+        if not self.worker.idle:
+            return
+        after = accepted_view(doc, text)
+        ctx = filter_context(after, self.config.multiline)
+        try:
+            prompt = self.prefetch_builder.build(after, self.snippets.current(doc.uri))
+        except Exception:
+            log.debug("prefetch prompt not built", exc_info=True)
+            return
+        max_tokens = self.config.maxTokens if ctx.multiline else self.config.maxTokensSingleLine
+        job = GenerationJob(
+            prompt=prompt.ids,
+            stop_ids=self.fim.stop_ids,
+            max_tokens=max_tokens,
+            deadline=time.monotonic() + self.config.deadlineMs / 1000,
+            reuse_cache=self.config.kvReuse,
+        )
+        gen = _Generation(key, after_left, ctx, self.worker.submit(job, background=True))
+        gen.task = asyncio.get_running_loop().create_task(self._drive(gen))
+        gen.task.add_done_callback(functools.partial(self._prefetched, gen, after))
+        self._prefetch = gen
+        self.prefetches += 1
+
+    def _prefetched(self, gen: _Generation, after: DocumentView, task: asyncio.Task[str]) -> None:
+        if self._prefetch is gen:
+            self._prefetch = None
+        if task.cancelled() or task.exception() is not None:
+            return
+        if gen.handle.job.stats.stop_reason == "cancelled" and not gen.raw:
+            return
+        text = postprocess(task.result(), gen.ctx, final=True).text
+        if text and gen.handle.job.stats.stop_reason != "cancelled":
+            self.type_ahead.put_suggestion(after, gen.left, text, origin="prefetch")
+
+    @property
+    def prefetch_task(self) -> asyncio.Task[str] | None:
+        """The prefetch under way, if any (for tests and benchmarks)."""
+        return self._prefetch.task if self._prefetch is not None else None
 
     def _finish(self, stats: CompletionStats, t0: float, text: str) -> CompletionResult:
         stats.total_ms = (time.perf_counter() - t0) * 1000

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from exlsp.completion.acceptance import AcceptanceStats
 from exlsp.completion.backends.base import Backend, BackendUnavailable, is_fatal
 from exlsp.completion.config import (
     CompletionConfig,
@@ -161,6 +162,7 @@ class CompletionService:
         # took over from a model that died, or none is left).
         self.on_change: Callable[[], None] | None = None
         self._failover: asyncio.Task[None] | None = None
+        self.acceptance = AcceptanceStats(enabled=config.completion.acceptanceStats)
 
     @property
     def backend(self) -> Backend | None:
@@ -289,6 +291,7 @@ class CompletionService:
 
     def reconfigure(self, completion: CompletionConfig) -> None:
         self.config = dataclasses.replace(self.config, completion=completion)
+        self.acceptance.enabled = completion.acceptanceStats
         if self.engine is not None:
             self.engine.reconfigure(fit_budgets(completion, self.context_length))
 
@@ -300,6 +303,7 @@ class CompletionService:
     def close(self) -> None:
         if self._failover is not None:
             self._failover.cancel()
+        self.acceptance.close()
         if self.engine is not None:
             self.engine.close()
         if self.worker is not None:
@@ -315,6 +319,7 @@ class CompletionService:
         if self.engine is not None:
             self.engine.close()  # its timers belong to the loop
             self.engine = None
+        await asyncio.to_thread(self.acceptance.close)
         worker, self.worker = self.worker, None
         if worker is not None and self.state == "loading":
             worker.close(wait=False)  # `start` is cancelled; the load ends off the loop

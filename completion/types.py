@@ -62,7 +62,9 @@ class KvReuseStats:
 class CompletionStats:
     """Per-request figures: returned by `exlsp/stats` and `exlsp complete --json`."""
 
-    source: str = "model"  # "model", "type-ahead", "attached", "empty", "error"
+    # "model", "type-ahead", "prefetch" (a suggestion made ahead, for the text after
+    # an accept), "attached", "empty", "error"
+    source: str = "model"
     prompt_tokens: int = 0
     reused_tokens: int = 0
     prefilled_tokens: int = 0

@@ -411,6 +411,32 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- stats ------------------------------------------------------------------------------
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from exlsp.completion.acceptance import format_totals, load, stats_path, to_wire
+
+    path = stats_path()
+    totals = load(path)
+    if args.json:
+        print(json.dumps({"path": str(path), **to_wire(totals)}, indent=2))
+    else:
+        print(f"{path}\n{format_totals(totals)}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from exlsp.benchmarks.repo_eval import run_eval, table
+
+    root = Path(args.path)
+    if not (root / ".git").exists():
+        raise SystemExit(f"exlsp eval: not a git repository: {root}")
+    result = run_eval(root, args.model or [""], args.tasks, args.seed, LANGUAGES, args.backend)
+    print(json.dumps(result, indent=1) if args.json else table(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="exlsp", description="AI code completions for any LSP editor from a local model."
@@ -508,6 +534,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="a JSON file with the configuration tree")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser(
+        "stats", parents=[common], help="print the local counts of suggestions shown and accepted"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser(
+        "eval", parents=[common], help="score models on fill-in-the-middle tasks from PATH's files"
+    )
+    p.add_argument("path", metavar="PATH", help="a git repository")
+    p.add_argument(
+        "--model", action="append", help="model directory; repeat to compare (default: built-in)"
+    )
+    p.add_argument("--backend", default="transformers", help="backend for every model")
+    p.add_argument("--tasks", type=int, default=60, help="number of tasks (default 60)")
+    p.add_argument("--seed", type=int, default=0, help="task selection seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print JSON with per-task records")
+    p.set_defaults(func=cmd_eval)
 
     args = parser.parse_args(argv)
     level = args.log_level or ("info" if args.command == "serve" else "critical")

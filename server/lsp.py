@@ -726,6 +726,7 @@ class ExlspServer(LanguageServer):
 def build_server() -> ExlspServer:
     """A server with every feature registered; nothing heavy happens until `initialized`."""
     from exlsp.server.features import (
+        acceptance,
         code_actions,
         completion,
         configuration,
@@ -738,6 +739,6 @@ def build_server() -> ExlspServer:
 
     server = ExlspServer()
     features = (documents, configuration, indexing, inline, completion, hover, code_actions, stats)
-    for feature in features:
+    for feature in (*features, acceptance):
         feature.register(server)
     return server

@@ -14,6 +14,8 @@ sys.path.insert(0, str(ROOT))  # `tests.fakes`
 # Tests never touch the user's cache: models are built under .pytest-cache/ of the checkout
 # unless EXLSP_CACHE_DIR says otherwise (CI sets nothing; the build takes about a minute).
 os.environ.setdefault("EXLSP_CACHE_DIR", str(ROOT / ".test-cache"))
+# Nor the user's acceptance statistics (servers started by the tests inherit this).
+os.environ.setdefault("EXLSP_STATE_DIR", str(ROOT / ".test-cache" / "state"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Nor the user's configuration file: an empty directory unless a test points elsewhere.
 os.environ.setdefault("EXLSP_CONFIG_DIR", str(ROOT / ".test-cache" / "user-config"))

@@ -8,7 +8,13 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from exlsp.completion.config import CompletionConfig
-from exlsp.completion.engine import CompletionEngine, InvalidPosition
+from exlsp.completion.engine import (
+    CompletionEngine,
+    InvalidPosition,
+    accepted_place,
+    accepted_view,
+    place_key,
+)
 from exlsp.completion.fim import TEMPLATES, FimTokens
 from exlsp.completion.types import CompletionRequest, DocumentView, Snippet
 from exlsp.completion.worker import BackendWorker
@@ -33,7 +39,9 @@ async def make_engine() -> AsyncIterator[Callable[..., tuple[CompletionEngine, S
         workers.append(worker)
         await worker.load(lambda: backend)
         fim = FimTokens.resolve(TEMPLATES["qwen2.5-coder"], tok)
-        engine = CompletionEngine(worker, tok, fim, CompletionConfig(**cfg), context)
+        # Prefetching adds background jobs: only the tests about it turn it on.
+        config = CompletionConfig(**{"prefetch": False, **cfg})
+        engine = CompletionEngine(worker, tok, fim, config, context)
         return engine, backend
 
     yield make  # type: ignore[misc]
@@ -266,3 +274,165 @@ async def test_snippets_stay_fixed_while_typing_even_if_an_idle_fetch_ends(make_
     prompts = [backend.tokenizer.decode(j.prompt) for j in backend.jobs]
     assert all("helper_1" in p and "helper_2" not in p for p in prompts)
     assert engine.warmups == 0
+
+
+# -- type-ahead that survives small edits -------------------------------------------
+
+FUNC = "import os\n\n\ndef add(a, b):\n    \n\n\nprint(add(1, 2))\n"
+
+
+async def test_type_ahead_survives_an_edit_above_the_cursor(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine, backend = await make_engine(lambda p: "return a + b\n")
+    await engine.complete(req(FUNC, 4, 4))
+    edited = FUNC.replace("import os\n", "import os\nimport sys\n")  # three lines up and more
+    result = await engine.complete(req(edited, 5, 4))
+    assert result.stats.source == "type-ahead"
+    assert result.suggestions[0].text == "return a + b"
+    assert len(backend.jobs) == 1
+
+
+async def test_type_ahead_continues_on_the_next_suggested_line(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine, backend = await make_engine(lambda p: "total = a + b\n    return total\n\n\nx")
+    first = await engine.complete(req(FUNC, 4, 4))
+    assert first.suggestions[0].text == "total = a + b\n    return total"
+    # The user typed the first line and pressed Enter; the editor indented the new line.
+    typed = FUNC.replace("    \n", "    total = a + b\n    \n", 1)
+    after_enter = await engine.complete(req(typed, 5, 4))
+    assert after_enter.stats.source == "type-ahead"
+    assert after_enter.suggestions[0].text == "return total"
+    typed_more = typed.replace("    \n", "    ret\n", 1)
+    more = await engine.complete(req(typed_more, 5, 7))
+    assert more.suggestions[0].text == "urn total"
+    assert len(backend.jobs) == 1
+
+
+async def test_type_ahead_survives_a_cursor_move_away_and_back(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine, backend = await make_engine(lambda p: "return a + b\n")
+    await engine.complete(req(FUNC, 4, 4))
+    # Up to the imports to fix something (a request there), then back to the function.
+    fixed = FUNC.replace("import os", "import sys")
+    await engine.complete(req(fixed, 0, len("import sys")))
+    jobs = len(backend.jobs)
+    back = await engine.complete(req(fixed, 4, 4))
+    assert back.stats.source == "type-ahead"
+    assert back.suggestions[0].text == "return a + b"
+    assert len(backend.jobs) == jobs
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda t: t.replace("def add(a, b):", "def add(a, b, c):"),  # the line above
+        lambda t: t,  # nothing changed: the control
+        lambda t: t.replace("\n\n\nprint", "\nc = 3\n\nprint", 1),  # the line below
+    ],
+    ids=["line-above", "unchanged", "line-below"],
+)
+async def test_no_type_ahead_when_the_text_near_the_cursor_differs(make_engine, change) -> None:  # type: ignore[no-untyped-def]
+    engine, backend = await make_engine(lambda p: "return a + b\n")
+    await engine.complete(req(FUNC, 4, 4))
+    changed = change(FUNC)
+    result = await engine.complete(req(changed, 4, 4))
+    if changed == FUNC:
+        assert result.stats.source == "type-ahead"  # the control: the same text hits
+    else:
+        assert result.stats.source == "model"
+        assert len(backend.jobs) == 2
+
+
+async def test_no_type_ahead_when_the_text_right_of_the_cursor_differs(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine, backend = await make_engine(lambda p: "foo(a)\n")
+    await engine.complete(req("x = \n", 0, 4))
+    result = await engine.complete(req("x = )\n", 0, 4))
+    assert result.stats.source == "model"
+    assert len(backend.jobs) == 2
+
+
+# -- the next suggestion before Tab ----------------------------------------------------
+
+
+def after_accept(prompt: str) -> str:
+    """The model: a body at the empty line, a comment after the accepted line."""
+    middle = prompt.rsplit("<|fim_middle|>", 1)[-1]
+    return "  # the sum\n" if middle.endswith("return a + b") else "return a + b\n"
+
+
+async def test_the_suggestion_after_an_accept_comes_from_the_cache(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine, backend = await make_engine(after_accept, prefetch=True)
+    first = await engine.complete(req(FUNC, 4, 4))
+    assert first.suggestions[0].text == "return a + b"
+    assert engine.prefetch_task is not None
+    await engine.prefetch_task
+    assert len(backend.jobs) == 2
+    assert backend.jobs[1].slot == "background"
+    # Accepted: the line now reads "    return a + b" and the cursor is at its end.
+    accepted = FUNC.replace("    \n", "    return a + b\n", 1)
+    result = await engine.complete(req(accepted, 4, len("    return a + b")))
+    assert result.stats.source == "prefetch"
+    assert result.suggestions[0].text == "  # the sum"
+    assert len(backend.jobs) == 2  # no model call for it
+
+
+async def test_an_accept_before_the_prefetch_ends_waits_for_it(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine, backend = await make_engine(after_accept, step_s=0.01, prefetch=True)
+    await engine.complete(req(FUNC, 4, 4))
+    assert engine.prefetch_task is not None and not engine.prefetch_task.done()
+    accepted = FUNC.replace("    \n", "    return a + b\n", 1)
+    result = await engine.complete(req(accepted, 4, len("    return a + b")))
+    assert result.stats.source == "prefetch"
+    assert result.suggestions[0].text == "  # the sum"
+    assert len(backend.jobs) == 2
+
+
+async def test_a_keystroke_preempts_the_prefetch(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine, backend = await make_engine(
+        lambda p: "return a + b\n" if "ret" not in p else "x" * 200 + "\n",
+        step_s=0.005,
+        prefetch=True,
+    )
+    await engine.complete(req(FUNC, 4, 4))
+    prefetch = engine.prefetch_task
+    assert prefetch is not None
+    await asyncio.sleep(0.05)  # the prefetch is generating
+    # The user types something else: the request needs the model and takes the backend.
+    other = await engine.complete(req(FUNC.replace("    \n", "    q\n", 1), 4, 5))
+    assert other.stats.source == "model"
+    await prefetch
+    assert backend.jobs[1].slot == "background"
+    assert backend.jobs[1].stats.stop_reason == "cancelled"
+    assert backend.jobs[1].stats.generated_tokens < 200
+    # Nothing half-made was kept for the accepted state.
+    accepted = FUNC.replace("    \n", "    return a + b\n", 1)
+    assert (
+        engine.type_ahead.get(place_key(req(accepted, 4, 16).document), "    return a + b") is None
+    )
+
+
+async def test_no_prefetch_when_turned_off(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine, backend = await make_engine(after_accept, prefetch=False)
+    await engine.complete(req(FUNC, 4, 4))
+    assert engine.prefetch_task is None
+    accepted = FUNC.replace("    \n", "    return a + b\n", 1)
+    result = await engine.complete(req(accepted, 4, len("    return a + b")))
+    assert result.stats.source == "model"
+    assert len(backend.jobs) == 2
+
+
+def test_accepted_view_puts_the_cursor_after_the_insertion() -> None:
+    doc = req("a = f(\r\nz\r\n", 0, 6).document
+    one = accepted_view(doc, "x, y")
+    assert list(one.lines) == ["a = f(x, y\r\n", "z\r\n", ""]
+    assert (one.line, one.character) == (0, 10)
+    two = accepted_view(doc, "x,\n  y)")
+    assert list(two.lines) == ["a = f(x,\r\n", "  y)\r\n", "z\r\n", ""]
+    assert (two.line, two.character) == (1, 4)
+
+
+@pytest.mark.parametrize("text", ["x, y", "x,\n  y)", "a\nb\nc\nd\ne", "\n"])
+@pytest.mark.parametrize("line", [0, 1, 5])
+def test_the_accepted_place_is_the_place_of_the_accepted_document(text: str, line: int) -> None:
+    source = "".join(f"line_{i} = f(\n" for i in range(8))
+    doc = req(source, line, len(f"line_{line} = f(")).document
+    after = accepted_view(doc, text)
+    left = after.lines[after.line].rstrip("\n")[: after.character]
+    assert accepted_place(doc, text) == (place_key(after), left)

@@ -131,3 +131,26 @@ def test_a_short_replay_through_the_server(tiny_model: Path, tmp_path: Path) -> 
     assert result["server"]["exit_code"] == 0
     rows = result["request_log"]
     assert [r["i"] for r in rows] == list(range(-1, 15))
+
+
+def test_the_accepting_typist_takes_what_matches() -> None:
+    from exlsp.benchmarks.latency import AcceptStep, accept_length, accept_summary
+
+    assert accept_length("width=70)", "width=70)\n") == len("width=70)")  # all of it
+    # They part inside "wide"/"width": the typist takes "self." only.
+    assert accept_length("self.wide = 1", "self.width = width\n") == len("self.")
+    assert accept_length("):", "):\n") == 2  # short, but all of it
+    assert accept_length("x, y", "x + y") == 0  # "x" alone: quicker typed
+    steps = [
+        AcceptStep(0, 100.0, False, 9, 9),
+        AcceptStep(9, 2.0, True, 5, 0, "prefetch"),
+        AcceptStep(9, 50.0, False, 0, 0),
+        AcceptStep(10, 60.0, False, 0, 0),
+    ]
+    summary = accept_summary(steps)
+    assert summary["accepts"] == 1 and summary["accepted_chars"] == 9
+    assert summary["keystrokes"] == 3
+    assert summary["accepted_chars_per_keystroke"] == 3.0
+    assert summary["wait_after_accept_ms"]["n"] == 1
+    assert summary["wait_after_accept_ms"]["p50"] == 2.0
+    assert summary["sources_after_accept"] == {"prefetch": 1}

@@ -198,10 +198,16 @@ async def test_inline_completion_with_non_ascii_text(client: LanguageClient) -> 
             ],
         )
     )
-    await inline(client, uri, line, character + 1)
+    after = await inline(client, uri, line, character + 1)
     stats = await get_stats(client)
     assert stats["lastRequest"] == {"line": line, "character": char_index + 1}
     assert stats["lastPromptText"]["middle"].endswith('"héllo 😀 "Z')
+    # The typed word "Z" is part of each item: its range starts before it.
+    for item in after.items:
+        assert item.range == types.Range(
+            types.Position(line, character), types.Position(line, character + 1)
+        )
+        assert isinstance(item.insert_text, str) and item.insert_text.startswith("Z")
 
 
 async def test_the_trained_model_suggests_code(client: LanguageClient) -> None:

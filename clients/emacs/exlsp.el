@@ -114,6 +114,8 @@ otherwise.  Set before lsp-inline-completion is loaded."
     ("exlsp.completion.kvReuse" t boolean "Reuse the KV cache across requests.")
     ("exlsp.completion.streamPartial" t boolean "Send exlsp/partialCompletion while streaming.")
     ("exlsp.completion.typeAheadEntries" 64 integer "Type-ahead results kept per document.")
+    ("exlsp.completion.prefetch" t boolean "Prepare the next suggestion as if the shown one were accepted.")
+    ("exlsp.completion.acceptanceStats" t boolean "Count suggestions shown and accepted in a local file (never sent).")
     ("exlsp.hover.enabled" t boolean "Explain the code under the cursor on hover with the model.")
     ("exlsp.hover.deadlineMs" 2000 integer "Wall-clock limit of a hover explanation (ms); what is ready by then is shown.")
     ("exlsp.hover.maxTokens" 160 integer "Most tokens of a hover explanation.")

@@ -5,15 +5,12 @@ typed, so accepting it replaces that word instead of repeating it.
 
 from __future__ import annotations
 
-import re
-
 from lsprotocol import types
 
 from exlsp.completion.types import Trigger
 from exlsp.server.documents import line_body, to_units
+from exlsp.server.features.inline import typed_word
 from exlsp.server.lsp import ExlspServer
-
-_WORD_TAIL = re.compile(r"[\w$]+$")
 
 
 def _documentation(ls: ExlspServer, language: str, code: str) -> types.MarkupContent | str:
@@ -41,8 +38,7 @@ def register(server: ExlspServer) -> None:
             return types.CompletionList(is_incomplete=True, items=[])
         body = line_body(view.lines[view.line])
         left = body[: view.character]
-        m = _WORD_TAIL.search(left)
-        word = m.group(0) if m else ""
+        word = typed_word(view)
         start_units = to_units(body, view.character - len(word), ls.encoding)
         start = types.Position(params.position.line, start_units)
         end = types.Position(params.position.line, params.position.character)
