@@ -66,6 +66,9 @@ class CatalogueModel:
     gguf: tuple[str, ...]
     sources: tuple[str, ...]
     unverified: tuple[str, ...] = ()
+    # The instruction-tuned model of the same architecture, for hover and refactors
+    # (`exlsp pull --assist`); None where its makers publish none.
+    instruct: str | None = None
 
     def config(self) -> dict[str, Any]:
         """The config.json fields the KV sizing reads."""
@@ -158,6 +161,7 @@ def _entry(raw: dict[str, Any]) -> CatalogueModel:
         gguf=tuple(raw.get("gguf", [])),
         sources=tuple(raw["sources"]),
         unverified=tuple(raw.get("unverified", [])),
+        instruct=raw.get("instruct"),
     )
 
 

@@ -341,6 +341,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         print("model through the openai backend (README: Running for a team)")
     else:
         print(f"recommended: {_pull_command(best)}")
+        companion = best.variant.model.instruct
+        if companion is not None:
+            print(
+                f"for explanations and refactors: exlsp pull --assist {best.variant.model.name}"
+                f" ({companion}; same size again)"
+            )
     if not args.sources:
         print("(`exlsp models --sources` lists where each fact comes from, and GGUF repositories)")
     return 0
@@ -357,19 +363,23 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from exlsp.server.user_config import user_config_path
 
     try:
-        result = pull(args.model, args.bits, configure=not args.no_configure)
+        result = pull(args.model, args.bits, configure=not args.no_configure, assist=args.assist)
     except PullError as e:
         print(f"exlsp pull: {e}", file=sys.stderr)
         return 1
     print(f"downloaded   {result.repo}@{result.revision} ({result.commit[:12]})")
     print(f"into         {result.path} ({_gib(result.size_bytes)})")
     print(f"weights      {result.quantization}")
-    print(f"FIM template {result.fim_template} (detected from the tokenizer)")
+    if result.fim_template is None:
+        print("FIM template none (a chat model: explanations and refactors)")
+    else:
+        print(f"FIM template {result.fim_template} (detected from the tokenizer)")
     if args.no_configure:
         print("configured   nothing (--no-configure)")
     else:
         where = user_config_path()
-        print(f"configured   model.path and model.backend = {result.backend!r} in {where}")
+        section = result.role
+        print(f"configured   {section}.path and {section}.backend = {result.backend!r} in {where}")
     return 0
 
 
@@ -521,6 +531,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("pull", parents=[common], help="download a model, check it and configure it")
     p.add_argument("model", metavar="NAME|REPO[@REVISION]")
     p.add_argument("--bits", type=float, help="EXL2 bits per weight of a catalogue model")
+    p.add_argument(
+        "--assist",
+        action="store_true",
+        help="the model for hover and code actions (a catalogue name: its instruct companion)",
+    )
     p.add_argument(
         "--no-configure", action="store_true", help="do not write the user configuration file"
     )

@@ -30,6 +30,7 @@ ALLOW_PATTERNS = [
     "merges.txt",
     "vocab.txt",
     "*.tiktoken",
+    "chat_template.jinja",  # the chat template, where it is not in tokenizer_config.json
 ]
 _PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -52,9 +53,10 @@ class PullResult:
     revision: str
     commit: str
     backend: str
-    fim_template: str
+    fim_template: str | None  # None: an assist model without FIM tokens
     quantization: str
     size_bytes: int
+    role: str = "model"  # the configuration section written: "model" or "assist"
 
 
 def models_dir() -> Path:
@@ -83,11 +85,22 @@ def _bits_branch(entry: catalogue.CatalogueModel, bits: float) -> tuple[str, str
     raise PullError(f"{entry.name} has no EXL2 size of {bits:g} bits per weight; one of {sizes}")
 
 
-def resolve_target(spec: str, bits: float | None = None) -> PullTarget:
-    """NAME | REPO[@REVISION] (+ --bits) -> the repository and revision to download."""
+def resolve_target(spec: str, bits: float | None = None, assist: bool = False) -> PullTarget:
+    """NAME | REPO[@REVISION] (+ --bits) -> the repository and revision to download.
+
+    With `assist`, a catalogue name stands for its instruction-tuned companion."""
     spec = spec.strip()
     name, _, revision = spec.partition("@")
     entry = catalogue.find(name)
+    if assist and entry is not None:
+        if bits is not None:
+            raise PullError("--bits picks an EXL2 size of a completion model, not with --assist")
+        if entry.instruct is None:
+            raise PullError(
+                f"{entry.name} has no instruction-tuned companion in the catalogue; name a "
+                "repository (OWNER/NAME) of an instruct model with a chat template"
+            )
+        return PullTarget(entry.instruct, revision or "main", None)
     if entry is not None and bits is not None:
         if revision:
             raise PullError("give either @REVISION or --bits, not both")
@@ -207,8 +220,12 @@ def _quantization(cfg: dict[str, Any]) -> tuple[str, str]:
     return f"{cfg.get('torch_dtype') or cfg.get('dtype') or '?'} safetensors", "transformers"
 
 
-def verify(path: Path) -> tuple[str, str, str]:
-    """Check the folder as the server will load it: (FIM template, quantization, backend)."""
+def verify(path: Path, assist: bool = False) -> tuple[str | None, str, str]:
+    """Check the folder as the server will load it: (FIM template, quantization, backend).
+
+    A completion model needs FIM tokens; an assist model needs a chat template (for
+    explanations and refactors) or FIM tokens (docstrings only)."""
+    from exlsp.completion.assist import read_chat_template
     from exlsp.completion.fim import UnknownFamily, detect_family
     from exlsp.completion.tokenizer import HfTokenizer
 
@@ -228,13 +245,23 @@ def verify(path: Path) -> tuple[str, str, str]:
     except Exception as e:
         raise PullError(f"the tokenizer in {path} does not load: {e}") from None
     try:
-        family = detect_family(tokenizer, path)
+        family: str | None = detect_family(tokenizer, path)
     except UnknownFamily:
+        family = None
+    if assist:
+        if family is None and read_chat_template(path) is None:
+            raise PullError(
+                "the model has neither a chat template nor fill-in-the-middle tokens, so it "
+                "can neither explain nor refactor. Nothing was configured."
+            )
+        return family, quantization, backend
+    if family is None:
         raise PullError(
             "the tokenizer has no fill-in-the-middle tokens, so this model cannot complete "
             "code in the middle of a file (is it an instruct or chat model? exlsp completes "
-            "with FIM base models, see `exlsp models`). Nothing was configured."
-        ) from None
+            "with FIM base models, see `exlsp models`; `exlsp pull --assist` takes it for "
+            "explanations and refactors). Nothing was configured."
+        )
     return family, quantization, backend
 
 
@@ -242,16 +269,20 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts)
 
 
-def pull(spec: str, bits: float | None = None, *, configure: bool = True) -> PullResult:
-    """Download, verify and (with `configure`) write model.path/backend to the user file."""
-    target = resolve_target(spec, bits)
+def pull(
+    spec: str, bits: float | None = None, *, configure: bool = True, assist: bool = False
+) -> PullResult:
+    """Download, verify and (with `configure`) write model.path/backend (with `assist`:
+    assist.path/backend, the model for hover and code actions) to the user file."""
+    target = resolve_target(spec, bits, assist)
     dest = local_dir(target.repo, target.revision)
     commit = download(target, dest)
-    family, quantization, backend = verify(dest)
+    family, quantization, backend = verify(dest, assist)
+    role = "assist" if assist else "model"
     if configure:
         from exlsp.server.user_config import write_user_settings
 
-        write_user_settings({"model": {"path": str(dest), "backend": backend}})
+        write_user_settings({role: {"path": str(dest), "backend": backend}})
     return PullResult(
         path=dest,
         repo=target.repo,
@@ -259,6 +290,7 @@ def pull(spec: str, bits: float | None = None, *, configure: bool = True) -> Pul
         commit=commit,
         backend=backend,
         fim_template=family,
+        role=role,
         quantization=quantization,
         size_bytes=_dir_size(dest),
     )

@@ -29,6 +29,9 @@ def _no_fim(files: dict[str, bytes]) -> dict[str, bytes]:
     return out
 
 
+CHAT = b"{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+
+
 @pytest.fixture
 def hub(tiny_model: Path) -> Iterator[FakeHub]:
     files = folder_files(tiny_model)
@@ -45,6 +48,7 @@ def hub(tiny_model: Path) -> Iterator[FakeHub]:
                 }
             ),
             "tiny/chat": FakeRepo({"main": _no_fim(files)}),
+            "tiny/instruct": FakeRepo({"main": {**_no_fim(files), "chat_template.jinja": CHAT}}),
         }
     ).start()
     yield fake
@@ -139,6 +143,24 @@ def test_model_without_fim_tokens_is_refused(hub_env: FakeHub, tmp_path: Path) -
     with pytest.raises(PullError, match="no fill-in-the-middle tokens"):
         pull("tiny/chat")
     assert _user_config(tmp_path) == {}
+
+
+def test_an_assist_model_needs_a_chat_template_not_fim_tokens(
+    hub_env: FakeHub, tmp_path: Path
+) -> None:
+    result = pull("tiny/instruct", assist=True)
+    assert result.fim_template is None and result.role == "assist"
+    config = _user_config(tmp_path)
+    assert config == {"assist": {"path": str(result.path), "backend": "transformers"}}
+    with pytest.raises(PullError, match="neither a chat template nor fill-in-the-middle"):
+        pull("tiny/chat", assist=True)
+
+
+def test_a_catalogue_name_with_assist_is_its_instruct_companion() -> None:
+    target = resolve_target("qwen2.5-coder-1.5b", assist=True)
+    assert (target.repo, target.revision) == ("Qwen/Qwen2.5-Coder-1.5B-Instruct", "main")
+    with pytest.raises(PullError, match="no instruction-tuned companion"):
+        resolve_target("starcoder2-3b", assist=True)
 
 
 def test_full_disk_keeps_a_resumable_partial_download(
