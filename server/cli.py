@@ -224,7 +224,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         config.model.path = args.model
     if args.backend:
         config.model.backend = args.backend
-    return run_doctor(config.model)
+    return run_doctor(config.model, assist=config.assist.model_config())
 
 
 def cmd_index(args: argparse.Namespace) -> int:

@@ -407,8 +407,47 @@ def next_step(report: DoctorReport, model: ModelConfig, has_gpu: bool) -> str:
     return "all good: start your editor"
 
 
-def run_doctor(model: ModelConfig, out: TextIO = sys.stdout, *, load: bool = True) -> int:
-    """Print the diagnosis for `model`; 0 when its backend can run here, else 1."""
+def _describe(model: ModelConfig) -> str:
+    """A model as the rows name it: backend and folder or server (never a key)."""
+    where = model.baseUrl if model.backend == "openai" else (model.path or "the built-in model")
+    return f"{model.backend}: {where}"
+
+
+def _chain_rows(report: DoctorReport, model: ModelConfig, assist: ModelConfig | None) -> None:
+    """The fallback chain and the assist model: named, their folders looked at, not loaded."""
+    from exlsp.completion.assist import read_chat_template
+    from exlsp.completion.config import fallback_chain
+
+    for n, entry in enumerate(fallback_chain(model)[1:], 1):
+        report.add(f"fallback {n}", _describe(entry))
+    if assist is None:
+        report.add("assist model", "the completion model (assist.backend is empty)")
+        return
+    row = _describe(assist)
+    folder = Path(assist.path).expanduser() if assist.path else None
+    if folder is not None and not folder.is_dir():
+        row += "\nnot found: hover and code actions will use the completion model"
+    elif folder is not None:
+        template = read_chat_template(folder)
+        row += "\n" + (
+            "chat template: yes (explanations and every refactor)"
+            if template
+            else "chat template: none (docstrings only, from fill-in-the-middle)"
+        )
+    report.add("assist model", row)
+
+
+def run_doctor(
+    model: ModelConfig,
+    out: TextIO = sys.stdout,
+    *,
+    load: bool = True,
+    assist: ModelConfig | None = None,
+) -> int:
+    """Print the diagnosis for `model`; 0 when its backend can run here, else 1.
+
+    The fallback chain and the assist model (`assist`, None: the completion model
+    serves hover and code actions) are listed, not loaded."""
     report = DoctorReport()
     report.add("exlsp", _version("exlsp"))
     report.add("python", sys.version.split()[0])
@@ -416,6 +455,7 @@ def run_doctor(model: ModelConfig, out: TextIO = sys.stdout, *, load: bool = Tru
         # A remote server: nothing about this machine's GPU matters.
         report.add("backend", model.backend)
         _remote_rows(report, model, load)
+        _chain_rows(report, model, assist)
         report.next_step = (
             "all good: start your editor"
             if report.problem is None
@@ -439,6 +479,7 @@ def run_doctor(model: ModelConfig, out: TextIO = sys.stdout, *, load: bool = Tru
         report.serving = f"the {model.backend} backend, once the default model is built"
     elif report.problem is not None:
         report.add("loads", "not tried")
+    _chain_rows(report, model, assist)
     report.next_step = next_step(report, model, has_gpu)
     out.write(report.render())
     out.flush()

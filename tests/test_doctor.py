@@ -128,3 +128,29 @@ def test_ends_with_the_pull_that_fits_when_no_model_is_set(tmp_path: Path) -> No
     assert last.startswith("next: exlsp pull "), last
     assert find(last.split()[3]) is not None  # a catalogue model
     assert "the largest catalogue model that fits" in last
+
+
+def test_the_fallback_chain_and_the_assist_model_are_listed(tmp_path: Path) -> None:
+    instruct = tmp_path / "instruct"
+    instruct.mkdir()
+    (instruct / "chat_template.jinja").write_text("{{ messages }}")
+    model = ModelConfig(
+        backend="transformers",
+        path=str(tmp_path / "missing"),
+        fallback=[
+            {"backend": "openai", "baseUrl": "http://gpu-pool:8000/v1", "apiKey": "k-secret"},
+            {"path": ""},
+        ],
+    )
+    out = io.StringIO()
+    assist = ModelConfig(backend="transformers", path=str(instruct))
+    run_doctor(model, out, load=False, assist=assist)
+    text = out.getvalue()
+    table = rows(text.splitlines())
+    assert table["fallback 1"] == "openai: http://gpu-pool:8000/v1"
+    assert table["fallback 2"] == "transformers: the built-in model"
+    assert table["assist model"] == f"transformers: {instruct}"
+    assert "chat template: yes" in text and "k-secret" not in text
+    out = io.StringIO()
+    run_doctor(ModelConfig(backend="transformers"), out, load=False)
+    assert "the completion model (assist.backend is empty)" in out.getvalue()
