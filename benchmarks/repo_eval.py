@@ -218,8 +218,10 @@ async def evaluate_model(
     backend: str,
     languages: Mapping[str, str],
     deadline_ms: int = 2000,
+    context: Any = None,
 ) -> dict[str, Any]:
-    """Run `tasks` with one model; its scores and per-task records."""
+    """Run `tasks` with one model; its scores and per-task records. `context`: the
+    retriever of the repository's index (retrieval on), or None (off)."""
     from exlsp.benchmarks.provenance import dist
     from exlsp.benchmarks.quality import document_view
     from exlsp.completion.config import CompletionConfig, EngineConfig, ModelConfig
@@ -233,7 +235,7 @@ async def evaluate_model(
             deadlineMs=deadline_ms, streamPartial=False, prefetch=False, acceptanceStats=False
         ),
     )
-    service = CompletionService(config)
+    service = CompletionService(config, context)
     await service.start()
     if service.state != "ready" or service.engine is None:
         raise RuntimeError(f"model {model or 'default'} failed to load: {service.error}")
@@ -263,6 +265,7 @@ async def evaluate_model(
                     "exact": exact_match(suggestion, task.middle),
                     "editSimilarity": round(edit_similarity(suggestion, task.middle), 4),
                     "charsAccepted": chars_accepted(suggestion, task.middle),
+                    "snippetTokens": result.stats.snippet_tokens,
                     "latencyMs": round(latency, 2),
                 }
             )
@@ -273,6 +276,7 @@ async def evaluate_model(
         "model": model or "default",
         "modelPath": info.path if info else "",
         "backend": backend,
+        "retrieval": context is not None,
         **scores(records),
         "latencyMs": dist([r["latencyMs"] for r in records]),
         "rssMb": _rss_mb(),
@@ -299,17 +303,55 @@ def run_eval(
     seed: int,
     languages: Mapping[str, str],
     backend: str = "transformers",
+    retrieval: bool = False,
 ) -> dict[str, Any]:
+    """Every model on the same tasks; with `retrieval`, each twice: without and with
+    snippets retrieved from the repository's index (lexical, built in a temporary
+    folder). The chunks of a task's own file near its hole are never retrieved
+    (`index.excludeLines`), so the index cannot hand the model the answer."""
     tasks = build_tasks(root, languages, count, seed)
-    results = [
-        asyncio.run(evaluate_model(root, tasks, m, backend, languages)) for m in models or [""]
-    ]
+    if not retrieval:
+        results = [
+            asyncio.run(evaluate_model(root, tasks, m, backend, languages)) for m in models or [""]
+        ]
+    else:
+        results = _with_retrieval(root, tasks, models or [""], backend, languages)
     return {
         "repository": str(root),
         "seed": seed,
         "tasks": [asdict(t) for t in tasks],
         "models": results,
     }
+
+
+def _with_retrieval(
+    root: Path,
+    tasks: Sequence[EvalTask],
+    models: Sequence[str],
+    backend: str,
+    languages: Mapping[str, str],
+) -> list[dict[str, Any]]:
+    import tempfile
+
+    from exlsp.index.config import IndexConfig
+    from exlsp.index.retrieve import WorkspaceRetriever
+    from exlsp.index.service import WorkspaceIndex
+
+    with tempfile.TemporaryDirectory(prefix="exlsp-eval-index-") as tmp:
+        config = IndexConfig(databaseDir=tmp, embeddingModel="none")
+        index = WorkspaceIndex(root, config, use_watchdog=False)
+        index.start()
+        try:
+            if not index.wait_idle(timeout=600):
+                raise RuntimeError("the repository's index did not settle within 10 minutes")
+            retriever = WorkspaceRetriever(index, config)
+            return [
+                asyncio.run(evaluate_model(root, tasks, m, backend, languages, context=context))
+                for m in models
+                for context in (None, retriever)
+            ]
+        finally:
+            index.stop()
 
 
 def table(result: Mapping[str, Any]) -> str:
@@ -320,6 +362,8 @@ def table(result: Mapping[str, Any]) -> str:
     ]
     for m in result["models"]:
         name = Path(m["model"]).name or m["model"]
+        if m.get("retrieval") is not None and any(r.get("retrieval") for r in result["models"]):
+            name += " +index" if m["retrieval"] else " -index"
         lat = m["latencyMs"]
         accepted = f"{m['charsAccepted']}/{m['middleChars']}"
         rows.append(
@@ -347,9 +391,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--retrieval", action="store_true", help="each model without and with")
     args = parser.parse_args(argv)
     result = run_eval(
-        Path(args.path), args.model or [""], args.tasks, args.seed, LANGUAGES, args.backend
+        Path(args.path),
+        args.model or [""],
+        args.tasks,
+        args.seed,
+        LANGUAGES,
+        args.backend,
+        retrieval=args.retrieval,
     )
     print(table(result))
     payload = {

@@ -442,7 +442,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     root = Path(args.path)
     if not (root / ".git").exists():
         raise SystemExit(f"exlsp eval: not a git repository: {root}")
-    result = run_eval(root, args.model or [""], args.tasks, args.seed, LANGUAGES, args.backend)
+    result = run_eval(
+        root,
+        args.model or [""],
+        args.tasks,
+        args.seed,
+        LANGUAGES,
+        args.backend,
+        retrieval=args.retrieval,
+    )
     print(json.dumps(result, indent=1) if args.json else table(result))
     return 0
 
@@ -566,6 +574,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="transformers", help="backend for every model")
     p.add_argument("--tasks", type=int, default=60, help="number of tasks (default 60)")
     p.add_argument("--seed", type=int, default=0, help="task selection seed (default 0)")
+    p.add_argument(
+        "--retrieval",
+        action="store_true",
+        help="run each model without and with snippets from PATH's index",
+    )
     p.add_argument("--json", action="store_true", help="print JSON with per-task records")
     p.set_defaults(func=cmd_eval)
 

@@ -110,3 +110,16 @@ def test_exlsp_eval_runs_the_default_model(repo: Path, capsys: pytest.CaptureFix
     assert main(["eval", str(repo), "--tasks", "3"]) == 0
     out = capsys.readouterr().out
     assert "3 tasks from" in out and "default" in out
+
+
+def test_exlsp_eval_with_retrieval_runs_each_model_without_and_with_the_index(
+    repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # util.py's double() is what a task in shapes.py can be shown from the index.
+    assert main(["eval", str(repo), "--tasks", "4", "--seed", "1", "--retrieval", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    off, on = result["models"]
+    assert (off["retrieval"], on["retrieval"]) == (False, True)
+    assert off["tasks"] == on["tasks"] == 4
+    assert all(r["snippetTokens"] == 0 for r in off["records"])
+    assert any(r["snippetTokens"] > 0 for r in on["records"])
