@@ -146,11 +146,18 @@ class BackendWorker:
         if background:
             job.slot = "background"
         with self._lock:
+            if self._closed:
+                # The thread is gone or going (a fallback replaced the model while this
+                # request was being built): nothing will run the job; it ends at once.
+                job.stats.stop_reason = "cancelled"
+                handle._finish(None)
+                return handle
             for stale in self._live:
                 if not background or stale.background:
                     stale.cancel()
             self._live.append(handle)
-        self._jobs.put((lambda: self._generate(handle), None))
+            # Under the lock: a job is queued before `close`'s end marker, never after.
+            self._jobs.put((lambda: self._generate(handle), None))
         return handle
 
     def _generate(self, handle: GenerationHandle) -> None:
@@ -200,14 +207,14 @@ class BackendWorker:
     def close(self, wait: bool = True) -> None:
         """Stop the thread once its current call ends; `wait=False` does not wait for
         that (a model load can take seconds: it finishes, and is closed, on its own)."""
-        self._closed = True
         with self._lock:
+            self._closed = True
             for h in self._live:
                 h.cancel()
-        backend = self.backend
-        if backend is not None:
-            self._jobs.put((backend.close, None))
-        self._jobs.put(None)
+            backend = self.backend
+            if backend is not None:
+                self._jobs.put((backend.close, None))
+            self._jobs.put(None)
         if wait:
             self._thread.join(timeout=5)
 

@@ -436,3 +436,21 @@ def test_the_accepted_place_is_the_place_of_the_accepted_document(text: str, lin
     after = accepted_view(doc, text)
     left = after.lines[after.line].rstrip("\n")[: after.character]
     assert accepted_place(doc, text) == (place_key(after), left)
+
+
+async def test_a_job_submitted_to_a_closed_worker_ends_at_once() -> None:
+    # A fallback can replace the model while a request is being built: the request's
+    # job then reaches a closed worker, whose thread will never run it.
+    from exlsp.completion.backends.base import GenerationJob
+
+    tok = CharTokenizer()
+    worker = BackendWorker("test")
+    await worker.load(lambda: ScriptedBackend(tok, lambda prompt: "x"))
+    worker.close()
+    handle = worker.submit(GenerationJob(prompt=[1, 2], stop_ids=frozenset(), max_tokens=4))
+
+    async def drain() -> list[int]:
+        return [t async for t in handle.tokens()]
+
+    tokens = await asyncio.wait_for(drain(), timeout=10)  # it used to wait forever
+    assert tokens == [] and handle.job.stats.stop_reason == "cancelled"

@@ -86,7 +86,9 @@ async def services() -> AsyncIterator[Callable[..., Any]]:
     made: list[CompletionService] = []
 
     async def make(model: ModelConfig) -> CompletionService:
-        svc = CompletionService(EngineConfig(model=model, completion=CompletionConfig()))
+        # Prefetching and counting add background jobs and files: not what is tested here.
+        completion = CompletionConfig(prefetch=False, acceptanceStats=False)
+        svc = CompletionService(EngineConfig(model=model, completion=completion))
         svc.changes = 0  # type: ignore[attr-defined]
 
         def changed() -> None:
