@@ -55,6 +55,43 @@ function M.remaining_text(item)
   return text:sub(#typed + 1)
 end
 
+--- 0-based row and byte column where a `vim.Range` ends.
+---@return integer?, integer?
+local function range_end(range)
+  if range.end_row ~= nil then
+    return range.end_row, range.end_col
+  end
+  local stop = range['end']
+  if type(stop) == 'table' then
+    return stop.row or stop[1], stop.col or stop[2]
+  end
+end
+
+--- The item with its range grown to the cursor over what was typed since it
+--- was requested, when that is how the item begins. Neovim 0.12 replaces the
+--- range as the server sent it, so characters typed after the request would
+--- stay behind the inserted text, e.g. `foobarob` (neovim#36529).
+---@param item vim.lsp.inline_completion.Item
+---@return vim.lsp.inline_completion.Item
+function M.grow_range(item)
+  local range = item.range
+  if not range or not M.remaining_text(item) then
+    return item
+  end
+  local row, col = unpack(api.nvim_win_get_cursor(0))
+  row = row - 1
+  local start_row, start_col = M.range_start(range)
+  local end_row, end_col = range_end(range)
+  local extmark_range = vim.range and vim.range.extmark
+  if end_row == row and end_col and end_col < col and extmark_range then
+    local ok, grown = pcall(extmark_range, api.nvim_get_current_buf(), start_row, start_col, row, col)
+    if ok and grown then
+      item.range = grown
+    end
+  end
+  return item
+end
+
 --- Tells the server that the first `accepted_length` characters of the item's
 --- insertText (the word typed before it included) are in the buffer now.
 ---@param item vim.lsp.inline_completion.Item
@@ -108,7 +145,7 @@ local function set_keymaps(bufnr)
     return
   end
   local actions = {
-    accept = { function() return ic().get() end, 'exlsp: accept suggestion' },
+    accept = { function() return ic().get({ on_accept = M.grow_range }) end, 'exlsp: accept suggestion' },
     accept_word = { function() return accept_part(text_util.next_word, 'word') end, 'exlsp: accept next word' },
     accept_line = { function() return accept_part(text_util.next_line, 'line') end, 'exlsp: accept next line' },
     next = {
