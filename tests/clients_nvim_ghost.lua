@@ -40,6 +40,23 @@ ghost.on_partial = function(...)
   return on_partial(...)
 end
 
+-- Count the accepts the plugin reports, to compare with what the server counted.
+local compat = require('exlsp.compat')
+local reported = { accepted = 0, partially = 0 }
+local exec_cmd, notify = compat.exec_cmd, compat.notify
+compat.exec_cmd = function(client, command, bufnr)
+  if command.command == 'exlsp.accepted' then
+    reported.accepted = reported.accepted + 1
+  end
+  return exec_cmd(client, command, bufnr)
+end
+compat.notify = function(client, method, params)
+  if method == 'exlsp/didPartiallyAccept' then
+    reported.partially = reported.partially + 1
+  end
+  return notify(client, method, params)
+end
+
 local function ghost_mark()
   return H.extmark_text(0, ghost.ns)
 end
@@ -57,11 +74,11 @@ end
 
 --- Types `text`, then waits for a ghost text; up to `attempts` times with more
 --- typing (`more`), since a tiny model may have nothing to say at one spot.
-local function type_until_ghost(text, more, timeout_ms)
+local function type_until_ghost(text, more, timeout_ms, want)
   H.type(text, 60)
   local mark = H.wait_until(final_mark, timeout_ms, 50)
   local extra = 1
-  while not mark and extra <= #more do
+  while (not mark or (want and not want(mark))) and extra <= #more do
     H.type(more[extra], 60)
     mark = H.wait_until(final_mark, timeout_ms, 50)
     extra = extra + 1
@@ -140,6 +157,22 @@ H.run(function()
     H.results.accept_word = phase
   end
 
+  -- Phase 3: two characters of the suggested word typed, then accepted at
+  -- once: nothing typed is left behind or repeated (neovim#36529).
+  H.input('<Esc>', 50)
+  H.input('o', 100)
+  local function two_word_chars(m)
+    return m.text:match('^[%w_][%w_]') ~= nil
+  end
+  mark = type_until_ghost('def volume(side):', { '\n', '    return ', 'side * ', 's', 'i' }, 15000, two_word_chars)
+  if mark and two_word_chars(mark) then
+    local phase = { before = lines(), cursor = H.cursor(), ghost_text = mark.text }
+    H.type(mark.text:sub(1, 2), 1)
+    H.input('<M-l>', 200)
+    phase.after = lines()
+    H.results.accept_typed = phase
+  end
+
   H.note('partial_notifications', partials)
   local done, stats = false, nil
   require('exlsp.compat').request(client, 'exlsp/stats', {}, function(err, result)
@@ -156,4 +189,12 @@ H.run(function()
   vim.cmd('checkhealth exlsp')
   H.note('checkhealth', lines())
   H.input('<Esc>', 50)
+
+  -- The server writes its acceptance counts at shutdown.
+  H.results.reported = reported
+  local client_id = client.id
+  compat.stop(client)
+  H.results.server_stopped = H.wait_until(function()
+    return vim.lsp.get_client_by_id(client_id) == nil
+  end, 10000, 50) == true
 end, 400000)

@@ -90,6 +90,7 @@ local function fake_cmd(dispatchers)
               positionEncoding = 'utf-8',
               textDocumentSync = { openClose = true, change = 2 },
               inlineCompletionProvider = vim.empty_dict(),
+              executeCommandProvider = { commands = { 'exlsp.accepted' } },
             },
             serverInfo = { name = 'fake-exlsp' },
           })
@@ -426,6 +427,89 @@ H.run(function()
   H.check('H: enabled again', wait_ghost('should not show') ~= nil)
   change = Fake.last_notification('workspace/didChangeConfiguration')
   H.check('H: enabling tells the server', vim.tbl_get(change, 'settings', 'exlsp', 'completion', 'enabled') == true)
+
+  -- I: accepts are reported: exlsp/didPartiallyAccept for a word or a line,
+  -- the item's command (exlsp.accepted) once all of it is in ---------------------
+  local function executed()
+    local out = {}
+    for _, r in ipairs(Fake.requests) do
+      if r.method == 'workspace/executeCommand' then
+        out[#out + 1] = r.params
+      end
+    end
+    return out
+  end
+  local function partials()
+    local out = {}
+    for _, n in ipairs(Fake.notifications) do
+      if n.method == 'exlsp/didPartiallyAccept' then
+        out[#out + 1] = n.params
+      end
+    end
+    return out
+  end
+  --- Items whose range starts at the word typed before the cursor, like the server's.
+  local function respond_from_word(insert, id)
+    Fake.on_inline = function(req)
+      local p = req.params.position
+      local l = vim.api.nvim_buf_get_lines(0, p.line, p.line + 1, false)[1]:sub(1, p.character)
+      local word = l:match('[%w_]*$')
+      Fake.respond_later(req, 10, {
+        items = {
+          {
+            insertText = insert,
+            range = { start = { line = p.line, character = p.character - #word }, ['end'] = p },
+            command = { title = 'accepted', command = 'exlsp.accepted', arguments = { id } },
+          },
+        },
+      })
+    end
+  end
+  fresh_line()
+  respond_from_word('fooé bar(baz)\nnext', 'id-1')
+  H.type('x = fo', 5)
+  H.check('I: ghost text after the typed word', wait_ghost('oé bar(baz)\nnext') ~= nil, vim.inspect(ghost_mark()))
+  respond_with({})
+  H.type('oé', 5)
+  H.input('<M-w>', 40)
+  H.check('I: accept word after typing along', vim.api.nvim_get_current_line() == 'x = fooé bar', vim.api.nvim_get_current_line())
+  H.input('<M-j>', 40)
+  H.input('<M-l>', 40)
+  H.check('I: the whole item accepted', H.buffer_text():sub(-23) == 'x = fooé bar(baz)\nnext', H.buffer_text():sub(-30))
+  local sent = partials()
+  H.check(
+    'I: partial accepts report the characters of the insertText accepted so far, from its start',
+    #sent == 2
+      and vim.deep_equal(sent[1], { id = 'id-1', acceptedLength = 8, kind = 'word' })
+      and vim.deep_equal(sent[2], { id = 'id-1', acceptedLength = 14, kind = 'line' }),
+    vim.inspect(sent)
+  )
+  local commands = H.wait_until(function()
+    local e = executed()
+    return #e > 0 and e
+  end, 1000)
+  H.check(
+    'I: accepting the rest runs the item command',
+    commands and #commands == 1 and commands[1].command == 'exlsp.accepted' and vim.deep_equal(commands[1].arguments, { 'id-1' }),
+    vim.inspect(commands)
+  )
+
+  -- Two more characters typed, accepted at once (before an answer for them
+  -- arrives): nothing typed is left behind or repeated (neovim#36529).
+  fresh_line()
+  respond_from_word('foobar(1)', 'id-2')
+  H.type('fo', 5)
+  H.check('I: ghost for the word being typed', wait_ghost('obar(1)') ~= nil, vim.inspect(ghost_mark()))
+  Fake.on_inline = function() end -- the next answers never come
+  H.type('ob', 1)
+  H.input('<M-l>', 40)
+  H.check('I: accepted right after typing: no leftover', vim.api.nvim_get_current_line() == 'foobar(1)', vim.api.nvim_get_current_line())
+  commands = H.wait_until(function()
+    local e = executed()
+    return #e > 1 and e
+  end, 1000)
+  H.check('I: ... and counted', commands and vim.deep_equal(commands[2].arguments, { 'id-2' }), vim.inspect(commands))
+  H.check('I: no partial accept reported for it', #partials() == 2, vim.inspect(partials()))
 
   H.input('<Esc>', 30)
 end, 30000)

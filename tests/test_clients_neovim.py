@@ -136,7 +136,11 @@ def test_ghost_text_from_real_server(nvim: str, tmp_path: Path, trained_model: P
         nvim,
         "clients_nvim_ghost.lua",
         tmp_path,
-        {"EXLSP_PYTHON": sys.executable, "EXLSP_MODEL": str(trained_model)},
+        {
+            "EXLSP_PYTHON": sys.executable,
+            "EXLSP_MODEL": str(trained_model),
+            "EXLSP_STATE_DIR": str(tmp_path / "exlsp-state"),
+        },
         timeout=420,
     )
     logs = log_tails(tmp_path)
@@ -170,3 +174,30 @@ def test_ghost_text_from_real_server(nvim: str, tmp_path: Path, trained_model: P
         if taken != from_word:
             assert word["rest_text"] == from_word[len(taken) :]
         assert word["after_dismiss_mark"] is False
+
+    typed = data.get("accept_typed")
+    if typed is not None:
+        # Two characters of the suggestion typed and accepted at once: the line
+        # holds the suggestion once, nothing typed left over.
+        assert typed["after"] == expected_after_accept(
+            typed["before"], typed["cursor"], typed["ghost_text"], 0
+        ), typed
+
+    # What the plugin reported is what the server counted (`exlsp stats`).
+    assert data["server_stopped"], logs
+    reported = data["reported"]
+    assert reported["accepted"] >= 1, reported
+    out = subprocess.run(
+        [sys.executable, "-m", "exlsp.server", "stats", "--json"],
+        env={**os.environ, "EXLSP_STATE_DIR": str(tmp_path / "exlsp-state")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    # One model, one language (Python) in this run.
+    [languages] = json.loads(out)["models"].values()
+    counts = languages["python"]
+    assert counts["accepted"] == reported["accepted"], (counts, reported)
+    assert counts["partiallyAccepted"] == reported["partially"], (counts, reported)
+    assert counts["shown"] >= counts["accepted"] and counts["charsAccepted"] > 0, counts

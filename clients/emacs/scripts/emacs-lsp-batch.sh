@@ -10,7 +10,10 @@
 # starts, reports ready, enables lsp-inline-completion-mode; that typing
 # makes the mode show a suggestion as an overlay; that ESC RET (M-RET, as a
 # terminal sends it) inserts the text and the saved file holds it; that
-# C-<return> and M-<return> are bound too; that C-g hides the next one.
+# C-<return> and M-<return> are bound too; that C-g hides the next one;
+# that a suggestion asked for mid-word replaces the word (it appears once);
+# that `exlsp stats` counted each accept (lsp-mode runs the item's command,
+# exlsp.accepted, after inserting it).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -32,5 +35,7 @@ fi
 
 work=$(mktemp -d)
 if [ -n "${EXLSP_KEEP:-}" ]; then echo "work folder: $work"; else trap 'rm -rf "$work"' EXIT; fi
+# The server's acceptance counts, which the script reads back with `exlsp stats`.
+export EXLSP_STATE_DIR=$work/exlsp-state
 export EXLSP_LOAD_PATH EXLSP_EL_DIR=$repo/clients/emacs EXLSP_PYTHON=$python EXLSP_MODEL=$model EXLSP_WORK=$work
 HOME=$work timeout 600 emacs --batch -Q -l "$here/emacs_lsp_batch.el"

@@ -117,6 +117,13 @@
         (setq shown (exlsp-test-wait #'exlsp-test-overlay-text 20))))
     shown))
 
+;; The accepts lsp-mode reports: it runs the item's command after inserting it.
+(defvar exlsp-test-reported 0 "How many times lsp-mode ran exlsp.accepted.")
+(advice-add 'lsp--execute-command :before
+            (lambda (action &rest _)
+              (when (equal (lsp:command-command action) "exlsp.accepted")
+                (setq exlsp-test-reported (1+ exlsp-test-reported)))))
+
 (defun exlsp-test-key (key)
   "Run what KEY does while a suggestion shows; return the command.
 KEY is a `kbd' string, or a vector of the events a terminal sends, looked
@@ -185,6 +192,34 @@ overlay shows)."
                              (string= before (buffer-substring-no-properties
                                               (point-min) (point-max))))))))
 
+;; A suggestion asked for in the middle of a word: its range starts where the
+;; word starts and its text begins with the word; accepting replaces the
+;; word, which then appears once.
+(goto-char (point-max))
+(let ((shown (exlsp-test-type-until-shown '("\n\ndef cube(side):\n    return si" "de" " * si" "de"))))
+  (when (exlsp-test-check "a suggestion after part of a word" shown)
+    (let* ((before (buffer-substring-no-properties (point-min) (point-max)))
+           (start lsp-inline-completion--start-point)
+           (item (elt lsp-inline-completion--items lsp-inline-completion--current))
+           (text (lsp:inline-completion-item-insert-text item))
+           (range-start (lsp--position-to-point
+                         (lsp:range-start (lsp:inline-completion-item-range? item))))
+           (word (buffer-substring-no-properties range-start start)))
+      (exlsp-test-check "its range starts at the word, its text begins with it"
+                        (and (< range-start start) (string-prefix-p word text))
+                        (list :word word :text text))
+      (exlsp-test-check "it carries the exlsp.accepted command"
+                        (equal (lsp:command-command (lsp:inline-completion-item-command? item))
+                               "exlsp.accepted"))
+      (exlsp-test-key [27 13])
+      (let ((expected (concat (substring before 0 (1- range-start)) text
+                              (substring before (1- start)))))
+        (exlsp-test-check "accept replaces the typed word: it appears once"
+                          (string= (buffer-substring-no-properties (point-min) (point-max))
+                                   expected)
+                          (list :got (buffer-substring-no-properties (point-min) (point-max))
+                                :expected expected))))))
+
 (exlsp-test-check "mode line status" (string-prefix-p "exlsp" (exlsp-status-string))
                   (exlsp-status-string))
 (princ (format "mode line: %s\n" (exlsp-status-string)))
@@ -193,5 +228,28 @@ overlay shows)."
                   (let ((stats (lsp-request "exlsp/stats" (make-hash-table))))
                     (princ (format "stats: %s\n" (json-encode stats)))
                     stats))
+
+;; The server writes its acceptance counts at shutdown; `exlsp stats` reads
+;; them ($EXLSP_STATE_DIR, set by emacs-lsp-batch.sh).
+(let ((workspaces (lsp-workspaces)))
+  (mapc #'lsp-workspace-shutdown workspaces)
+  (exlsp-test-check "server stopped"
+                    (exlsp-test-wait
+                     (lambda ()
+                       (cl-notany (lambda (w) (process-live-p (lsp--workspace-proc w))) workspaces))
+                     15)))
+(let* ((out (with-temp-buffer
+              (call-process exlsp-python nil '(t nil) nil "-m" "exlsp.server" "stats" "--json")
+              (buffer-string)))
+       (data (ignore-errors (json-parse-string out :object-type 'alist)))
+       (accepted 0))
+  (dolist (model (alist-get 'models data))
+    (dolist (language (cdr model))
+      (setq accepted (+ accepted (alist-get 'accepted (cdr language) 0)))))
+  (princ (format "exlsp stats: %s accepted (lsp-mode ran exlsp.accepted %d times)\n"
+                 accepted exlsp-test-reported))
+  (exlsp-test-check "exlsp stats counted each accept lsp-mode reported"
+                    (and (>= exlsp-test-reported 1) (= accepted exlsp-test-reported))
+                    out))
 (exlsp-test-finish)
 ;;; emacs_lsp_batch.el ends here

@@ -11,7 +11,10 @@
 # appeared, <M-l> inserted exactly that text at the cursor, <M-w> inserted
 # the first word of a longer suggestion and the ghost text went on with the
 # rest, <M-j> inserted the rest of its line, <C-]> and <Esc> hid it,
-# :checkhealth exlsp is clean. Exit status 0 when all hold.
+# two characters typed and accepted at once left nothing behind or doubled,
+# `exlsp stats` counted the accepts Neovim and the plugin reported (whole:
+# the item's command; word/line: exlsp/didPartiallyAccept), :checkhealth
+# exlsp is clean. Exit status 0 when all hold.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -39,9 +42,13 @@ export EXLSP_HARNESS=$repo/tests/clients_nvim_harness.lua
 export EXLSP_PLUGIN_DIR=$repo/clients/neovim
 export EXLSP_TEST_DIR=$work EXLSP_TEST_OUT=$work/observations.json
 export EXLSP_PYTHON=$python EXLSP_MODEL=$model
+# The server's acceptance counts, read back with `exlsp stats` below.
+export EXLSP_STATE_DIR=$work/exlsp-state
 
 sid_run /usr/bin/nvim --version | head -1
 (cd "$work" && timeout 600 bash -c "$(declare -f sid_run sid_loader); SID_ROOT='$SID_ROOT' sid_run /usr/bin/nvim --headless --clean -S '$here/nvim012_native.lua'") >/dev/null 2>&1 || true
+
+"$python" -m exlsp.server stats --json >"$work/stats.json" || true
 
 "$python" - "$work" <<'EOF'
 import json, re, sys
@@ -103,6 +110,31 @@ if word:
         print("skip <C-]>: no suggestion left to dismiss")
 else:
     ok = False
+typed = data.get("accept_typed")
+if typed:
+    good = typed["after"] == inserted(typed["before"], typed["cursor"], typed["ghost_text"])
+    print(
+        ("ok   " if good else "FAIL ")
+        + f"two characters typed, <M-l> at once: the line holds {typed['ghost_text']!r} once"
+    )
+    ok &= good
+else:
+    ok = False
+reported = data.get("reported", {})
+try:
+    [languages] = json.loads((work / "stats.json").read_text())["models"].values()
+    counts = languages["python"]
+except (OSError, ValueError, KeyError) as e:
+    counts = {"error": repr(e)}
+good = (
+    # <M-l> twice (whole items), <M-w> once on a suggestion of several words.
+    reported.get("accepted", 0) >= 2
+    and reported.get("partially", 0) >= 1
+    and counts.get("accepted") == reported["accepted"]
+    and counts.get("partiallyAccepted") == reported.get("partially")
+)
+print(("ok   " if good else "FAIL ") + f"exlsp stats counted the accepts: {counts} (reported {reported})")
+ok &= good
 print("notes:", json.dumps(data["notes"]))
 print("PASS" if ok else "FAILED")
 sys.exit(0 if ok else 1)

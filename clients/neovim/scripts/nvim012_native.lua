@@ -59,6 +59,26 @@ local function record_answers(client)
   end
 end
 
+-- The accepts reported to the server: Neovim runs the item's command
+-- (exlsp.accepted) after a whole accept; the plugin notifies partial ones.
+local reported = { accepted = 0, partially = 0 }
+
+local function record_reports(client)
+  local exec_cmd, notify = client.exec_cmd, client.notify
+  client.exec_cmd = function(self, command, ...)
+    if command.command == 'exlsp.accepted' then
+      reported.accepted = reported.accepted + 1
+    end
+    return exec_cmd(self, command, ...)
+  end
+  client.notify = function(self, method, ...)
+    if method == 'exlsp/didPartiallyAccept' then
+      reported.partially = reported.partially + 1
+    end
+    return notify(self, method, ...)
+  end
+end
+
 --- The answer to a request made at the cursor (ASCII buffer: LSP characters
 --- are byte columns), once it has arrived.
 local function answer_here()
@@ -121,6 +141,7 @@ H.run(function()
     return
   end
   record_answers(client)
+  record_reports(client)
   local status = H.wait_until(function()
     local s = exlsp.status[client.id]
     return s and (s.state == 'ready' or s.state == 'error') and s
@@ -179,6 +200,24 @@ H.run(function()
     H.results.accept_word = word
   end
 
+  -- Two characters of the suggested word typed, then accepted at once, before
+  -- the answer for them: nothing typed is left behind or repeated (neovim#36529).
+  H.input('<Esc>', 50)
+  vim.api.nvim_buf_set_lines(0, 0, -1, false, original)
+  H.input('G', 50)
+  H.input('o', 100)
+  local function two_word_chars(g)
+    return g.text:match('^[%w_][%w_]') ~= nil
+  end
+  m = type_until_ghost('def volume(side):', { '\n', 'return ', 's', 'ide * ', 'si', '(' }, two_word_chars)
+  if H.check('a suggestion starting with a word appeared', m ~= nil and two_word_chars(m), m) then
+    local typed = { before = lines(), cursor = H.cursor(), ghost_text = m.text }
+    H.type(m.text:sub(1, 2), 1)
+    H.input('<M-l>', 300)
+    typed.after = lines()
+    H.results.accept_typed = typed
+  end
+
   -- Leaving insert mode hides the suggestion.
   H.input('<Esc>', 50)
   H.input('o', 100)
@@ -198,4 +237,15 @@ H.run(function()
   H.check('checkhealth: native inline completion', text:find('native inline completion', 1, true) ~= nil)
   H.check('checkhealth: server ready', text:find('OK client %d+ %(utf%-%d+ encoding%): ready') ~= nil)
   H.check('checkhealth: no errors or warnings', not text:find('ERROR') and not text:find('WARNING'), text)
+
+  -- The server writes its acceptance counts at shutdown.
+  H.results.reported = reported
+  local client_id = client.id
+  client:stop()
+  H.check(
+    'server stopped',
+    H.wait_until(function()
+      return vim.lsp.get_client_by_id(client_id) == nil
+    end, 10000, 50)
+  )
 end, 400000)

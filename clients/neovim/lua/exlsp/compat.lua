@@ -36,7 +36,9 @@ function M.exec_cmd(client, command, bufnr)
   if has_011 then
     return client:exec_cmd(command, { bufnr = bufnr })
   end
-  return client.request('workspace/executeCommand', command, nil, bufnr)
+  -- ExecuteCommandParams: the command and its arguments, not the title.
+  local params = { command = command.command, arguments = command.arguments }
+  return client.request('workspace/executeCommand', params, nil, bufnr)
 end
 
 --- Byte column of an LSP position in a buffer line.

@@ -20,6 +20,7 @@ local TRIGGER_AUTOMATIC = 2
 ---@field text string           what is still to be inserted at the anchor
 ---@field replace_after integer bytes after the anchor (same line) that accepting all replaces
 ---@field command? lsp.Command
+---@field offset integer        characters of the item's insertText before `text` (typed or accepted)
 ---@field partial? boolean      streamed text of a request still running
 
 ---@class exlsp.Pending
@@ -199,6 +200,7 @@ local function parse_items(bufnr, client, result, row, col)
       text = text_util.snippet_text(text.value or '')
     end
     local replace_after = 0
+    local offset = 0
     if type(text) == 'string' and raw.range then
       local s, e = raw.range.start, raw.range['end']
       local scol = s.line == row and compat.byte_col(bufnr, s, client.offset_encoding) or nil
@@ -211,6 +213,7 @@ local function parse_items(bufnr, client, result, row, col)
         local typed = line:sub(scol + 1, col)
         if text:sub(1, #typed) == typed then
           text = text:sub(#typed + 1)
+          offset = vim.fn.strchars(typed)
           replace_after = math.max(0, ecol - col)
         else
           text = nil
@@ -218,7 +221,7 @@ local function parse_items(bufnr, client, result, row, col)
       end
     end
     if type(text) == 'string' and text ~= '' then
-      items[#items + 1] = { text = text, replace_after = replace_after, command = raw.command }
+      items[#items + 1] = { text = text, replace_after = replace_after, command = raw.command, offset = offset }
     end
   end
   return items
@@ -269,7 +272,7 @@ function M.on_partial(client_id, params)
       and (#st.items == 0 or st.items[1].partial)
       and still_at(bufnr, pending)
     then
-      st.items = { { text = params.text, replace_after = 0, partial = true } }
+      st.items = { { text = params.text, replace_after = 0, offset = 0, partial = true } }
       st.index = 1
       render(bufnr)
       return
@@ -300,6 +303,7 @@ function M.check(bufnr)
             text = item.text:sub(#typed + 1),
             replace_after = row == st.anchor.row and item.replace_after or 0,
             command = item.command,
+            offset = item.offset + vim.fn.strchars(typed),
             partial = item.partial,
           }
           if i == st.index then
@@ -357,6 +361,30 @@ function M.current(bufnr)
   return st and st.anchor and st.items[st.index] or nil
 end
 
+--- The id the server gave an item for counting its acceptance (the argument
+--- of its `exlsp.accepted` command), or nil.
+---@param item exlsp.Suggestion
+---@return string?
+local function acceptance_id(item)
+  local command = item.command
+  local id = command and command.command == 'exlsp.accepted' and command.arguments and command.arguments[1]
+  return type(id) == 'string' and id or nil
+end
+
+--- Tells the server that the first `accepted_length` characters of the item's
+--- insertText (the word typed before it included) are in the buffer now.
+---@param st exlsp.BufState
+---@param item exlsp.Suggestion
+---@param accepted_length integer
+---@param kind 'word'|'line'
+local function report_partial(st, item, accepted_length, kind)
+  local id = acceptance_id(item)
+  local client = id and vim.lsp.get_client_by_id(st.client_id)
+  if client then
+    compat.notify(client, 'exlsp/didPartiallyAccept', { id = id, acceptedLength = accepted_length, kind = kind })
+  end
+end
+
 --- Accepts the current suggestion, whole or in part.
 ---@param how? 'all'|'word'|'line'
 ---@return boolean accepted
@@ -400,9 +428,17 @@ function M.accept(how)
       end
     end
   else
+    local offset = item.offset + vim.fn.strchars(part)
     st.items = {
-      { text = item.text:sub(#part + 1), replace_after = 0, command = item.command, partial = item.partial },
+      {
+        text = item.text:sub(#part + 1),
+        replace_after = 0,
+        command = item.command,
+        offset = offset,
+        partial = item.partial,
+      },
     }
+    report_partial(st, item, offset, how == 'line' and 'line' or 'word')
     st.index = 1
     render(bufnr)
   end

@@ -1,6 +1,9 @@
 -- Neovim 0.12+: the built-in `vim.lsp.inline_completion` requests and draws
 -- the suggestions; this module enables it and maps the same keys as the
 -- plugin renderer. Partial accepts and dismiss go through `get{on_accept}`.
+-- Accepting a whole item, Neovim itself runs the item's command
+-- (`exlsp.accepted`, which counts the accept); partial accepts are reported
+-- with `exlsp/didPartiallyAccept`.
 local api = vim.api
 local text_util = require('exlsp.text')
 
@@ -52,15 +55,77 @@ function M.remaining_text(item)
   return text:sub(#typed + 1)
 end
 
+--- 0-based row and byte column where a `vim.Range` ends.
+---@return integer?, integer?
+local function range_end(range)
+  if range.end_row ~= nil then
+    return range.end_row, range.end_col
+  end
+  local stop = range['end']
+  if type(stop) == 'table' then
+    return stop.row or stop[1], stop.col or stop[2]
+  end
+end
+
+--- The item with its range grown to the cursor over what was typed since it
+--- was requested, when that is how the item begins. Neovim 0.12 replaces the
+--- range as the server sent it, so characters typed after the request would
+--- stay behind the inserted text, e.g. `foobarob` (neovim#36529).
+---@param item vim.lsp.inline_completion.Item
+---@return vim.lsp.inline_completion.Item
+function M.grow_range(item)
+  local range = item.range
+  if not range or not M.remaining_text(item) then
+    return item
+  end
+  local row, col = unpack(api.nvim_win_get_cursor(0))
+  row = row - 1
+  local start_row, start_col = M.range_start(range)
+  local end_row, end_col = range_end(range)
+  local extmark_range = vim.range and vim.range.extmark
+  if end_row == row and end_col and end_col < col and extmark_range then
+    local ok, grown = pcall(extmark_range, api.nvim_get_current_buf(), start_row, start_col, row, col)
+    if ok and grown then
+      item.range = grown
+    end
+  end
+  return item
+end
+
+--- Tells the server that the first `accepted_length` characters of the item's
+--- insertText (the word typed before it included) are in the buffer now.
+---@param item vim.lsp.inline_completion.Item
+---@param accepted_length integer
+---@param kind 'word'|'line'
+local function report_partial(item, accepted_length, kind)
+  local command = item.command
+  local id = command and command.command == 'exlsp.accepted' and command.arguments and command.arguments[1]
+  local client = type(id) == 'string' and vim.lsp.get_client_by_id(item.client_id)
+  if client then
+    client:notify('exlsp/didPartiallyAccept', { id = id, acceptedLength = accepted_length, kind = kind })
+  end
+end
+
 ---@param pick fun(text: string): string
-local function accept_part(pick)
+---@param kind 'word'|'line'
+local function accept_part(pick, kind)
   return ic().get({
     -- Returning nil tells Neovim not to apply the item: this inserts part of it.
     on_accept = function(item)
       local rest = M.remaining_text(item)
-      if rest and rest ~= '' then
-        text_util.insert_at_cursor(pick(rest))
+      if not rest or rest == '' then
+        return nil
       end
+      local part = pick(rest)
+      if part == rest then
+        -- All that is left: Neovim applies the item and runs its command.
+        return item
+      end
+      text_util.insert_at_cursor(part)
+      local insert = item.insert_text
+      local text = type(insert) == 'string' and insert or text_util.snippet_text(insert.value or '')
+      local typed = vim.fn.strchars(text) - vim.fn.strchars(rest)
+      report_partial(item, typed + vim.fn.strchars(part), kind)
       return nil
     end,
   })
@@ -80,9 +145,9 @@ local function set_keymaps(bufnr)
     return
   end
   local actions = {
-    accept = { function() return ic().get() end, 'exlsp: accept suggestion' },
-    accept_word = { function() return accept_part(text_util.next_word) end, 'exlsp: accept next word' },
-    accept_line = { function() return accept_part(text_util.next_line) end, 'exlsp: accept next line' },
+    accept = { function() return ic().get({ on_accept = M.grow_range }) end, 'exlsp: accept suggestion' },
+    accept_word = { function() return accept_part(text_util.next_word, 'word') end, 'exlsp: accept next word' },
+    accept_line = { function() return accept_part(text_util.next_line, 'line') end, 'exlsp: accept next line' },
     next = {
       function()
         ic().select({ count = 1 })
