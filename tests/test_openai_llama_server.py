@@ -98,7 +98,10 @@ async def service() -> AsyncIterator[Callable[..., Any]]:
     made: list[CompletionService] = []
 
     async def make(model: ModelConfig, **completion: Any) -> CompletionService:
-        config = CompletionConfig(**{"deadlineMs": 20000, "maxTokens": 24, **completion})
+        # No prefetch: its background requests would change what the server saw last.
+        config = CompletionConfig(
+            **{"deadlineMs": 20000, "maxTokens": 24, "prefetch": False, **completion}
+        )
         svc = CompletionService(EngineConfig(model=model, completion=config))
         await svc.start()
         assert svc.state == "ready", svc.error

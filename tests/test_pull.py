@@ -223,7 +223,8 @@ def test_cli_pull_prints_what_it_configured(hub: FakeHub, tmp_path: Path) -> Non
         "EXLSP_CONFIG_DIR": str(tmp_path / "config"),
     }
     env.pop("HF_TOKEN", None)
-    env.pop("HF_HUB_OFFLINE", None)  # set in this process once an embedder has loaded
+    for offline in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        env.pop(offline, None)  # set in this process once an embedder has loaded
     cmd = [sys.executable, "-m", "exlsp.server.cli", "pull", "tiny/coder@6_5"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr

@@ -165,6 +165,8 @@ async def remote(lsp_client: LanguageClient, capture: FakeOpenAIServer):  # type
                     "baseUrl": capture.base_url,  # type: ignore[attr-defined]
                     "fimTemplate": "qwen2.5-coder",
                 },
+                # Each request the fake receives is counted: no prefetched ones.
+                "completion": {"prefetch": False},
                 "index": {"enabled": False},
             },
         )
