@@ -81,6 +81,13 @@ def run(documents: int, index: bool, workspace: Path) -> dict[str, Any]:
     client.send({"method": "initialized", "params": {}})
     while client.request("exlsp/stats", {})["state"] != "ready":
         time.sleep(0.1)
+    # The index's first scan (and its imports) settle before the count starts.
+    limit = time.monotonic() + 120
+    while index and time.monotonic() < limit:
+        stats = client.request("exlsp/stats", {})["index"]
+        if stats and stats["state"] in ("idle", "failed"):
+            break
+        time.sleep(0.2)
     marks = sorted({min(documents - 1, n) for n in (500, 1000, 2000, 4000, documents - 1)})
     rss: dict[int, int] = {}
     started = time.perf_counter()
