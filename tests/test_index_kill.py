@@ -49,7 +49,7 @@ def test_killed_mid_write_recovers(tmp_path: Path) -> None:
     for n in range(150):
         (root / "pkg" / f"mod_{n}.py").write_text(module_text(n, 0))
     db = tmp_path / "db"
-    seed = random.randrange(1 << 30)
+    seed = int(os.environ.get("EXLSP_TEST_SEED") or random.randrange(1 << 30))
     rng = random.Random(seed)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     commits = 0
@@ -100,6 +100,9 @@ def test_killed_mid_write_recovers(tmp_path: Path) -> None:
         some = sorted(expected)[0]
         text = (root / some).read_text()
         name = text.split("(", 1)[0].removeprefix("def ")
-        assert index.search(f"{name}(3)", limit=3)[0].path == some, f"seed {seed}"
+        # Lexical: the fake embedder's vectors mean nothing, and in hybrid mode the file
+        # they rank first can tie the lexical winner on fused score (seed 865175001).
+        hits = index.search(f"{name}(3)", limit=3, mode="lexical")
+        assert hits[0].path == some, f"seed {seed}"
     finally:
         index.stop()
