@@ -69,7 +69,8 @@ def convert_command(
     return cmd
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; {} when it is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -79,7 +80,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def exl2_bits(model_dir: Path) -> float | None:
     """Bits per weight of a finished EXL2 directory (None if it is not one)."""
-    quant = _read_json(model_dir / "config.json").get("quantization_config")
+    quant = read_json(model_dir / "config.json").get("quantization_config")
     if not isinstance(quant, dict) or quant.get("quant_method") != "exl2":
         return None
     if not any(model_dir.glob("*.safetensors")):
@@ -89,7 +90,7 @@ def exl2_bits(model_dir: Path) -> float | None:
 
 
 def _hf_build_matches(hf_dir: Path, family: str, size: str, seed: int) -> bool:
-    info = _read_json(hf_dir / "exlsp-build.json")
+    info = read_json(hf_dir / "exlsp-build.json")
     return (
         info.get("family") == family
         and info.get("size") == size
@@ -126,7 +127,7 @@ def build_exl2(
         "bits": bits,
         "fast_calibration": fast_calibration,
     }
-    if exl2_bits(out) is not None and _read_json(out / "exlsp-exl2.json").get("build") == stamp:
+    if exl2_bits(out) is not None and read_json(out / "exlsp-exl2.json").get("build") == stamp:
         logger.info("EXL2 model already built: %s", out)
         return out
     hf = Path(hf_dir).resolve() if hf_dir else out.with_name(out.name + "-hf")

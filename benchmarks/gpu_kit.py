@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exlsp.benchmarks.build_exl2 import read_json
+
 ROOT = Path(__file__).resolve().parent.parent
 KIT_DIR = ROOT / "benchmarks" / "gpu"
 WHEELS_DIR = ROOT / ".gpu-wheels"
@@ -219,7 +221,7 @@ def _bench_argv(size: str) -> Callable[[KitPaths], list[str]]:
 
 
 def _collect_model(size: str) -> Callable[[KitPaths], dict[str, Any]]:
-    return lambda p: _read_json(p.exl2_dir(size) / "exlsp-exl2.json")
+    return lambda p: read_json(p.exl2_dir(size) / "exlsp-exl2.json")
 
 
 def _collect_tests(p: KitPaths) -> dict[str, Any]:
@@ -227,7 +229,7 @@ def _collect_tests(p: KitPaths) -> dict[str, Any]:
 
 
 def _collect_bench(p: KitPaths) -> dict[str, Any]:
-    return _read_json(p.out / f"gpu-{BENCH_NAME}.json")
+    return read_json(p.out / f"gpu-{BENCH_NAME}.json")
 
 
 # One row per stage, in running order. Another backend (EXL3) adds its rows: a model
@@ -274,7 +276,7 @@ STAGES: tuple[Stage, ...] = (
         150,
         "the same model through exllamav2's converter (short calibration), timed",
         _convert_argv,
-        lambda p: _read_json(p.models / f"{FAMILY}-1.5b-converted-4.0" / "exlsp-exl2.json"),
+        lambda p: read_json(p.models / f"{FAMILY}-1.5b-converted-4.0" / "exlsp-exl2.json"),
         needs=("extension", "model-1.5b"),
         flag="with_converter",
     ),
@@ -766,14 +768,6 @@ def gpu_test_files() -> list[Path]:
 # --- results ------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def junit_summary(path: Path) -> dict[str, Any]:
     """Outcome of each test in a pytest junit XML file."""
     try:
@@ -876,7 +870,7 @@ def _finish(run: _Running, paths: KitPaths, results: KitResults, echo: Any) -> d
         "budget_s": run.stage.budget_s,
         "tail": text.splitlines()[-12:],
     }
-    data = _read_json(paths.parts / f"{run.stage.name}.json")
+    data = read_json(paths.parts / f"{run.stage.name}.json")
     if run.stage.collect is not None:
         with contextlib.suppress(Exception):
             data = {**data, **run.stage.collect(paths)}

@@ -354,6 +354,19 @@ def _with_retrieval(
             index.stop()
 
 
+def run_from_args(args: Any, languages: Mapping[str, str]) -> dict[str, Any]:
+    """`run_eval` with the options `exlsp eval` and this module's command line share."""
+    return run_eval(
+        Path(args.path),
+        args.model or [""],
+        args.tasks,
+        args.seed,
+        languages,
+        args.backend,
+        retrieval=args.retrieval,
+    )
+
+
 def table(result: Mapping[str, Any]) -> str:
     rows = [
         f"{len(result['tasks'])} tasks from {result['repository']} (seed {result['seed']})",
@@ -393,15 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--retrieval", action="store_true", help="each model without and with")
     args = parser.parse_args(argv)
-    result = run_eval(
-        Path(args.path),
-        args.model or [""],
-        args.tasks,
-        args.seed,
-        LANGUAGES,
-        args.backend,
-        retrieval=args.retrieval,
-    )
+    result = run_from_args(args, LANGUAGES)
     print(table(result))
     payload = {
         "benchmark": "repo_eval",

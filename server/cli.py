@@ -437,20 +437,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from exlsp.benchmarks.repo_eval import run_eval, table
+    from exlsp.benchmarks.repo_eval import run_from_args, table
 
     root = Path(args.path)
     if not (root / ".git").exists():
         raise SystemExit(f"exlsp eval: not a git repository: {root}")
-    result = run_eval(
-        root,
-        args.model or [""],
-        args.tasks,
-        args.seed,
-        LANGUAGES,
-        args.backend,
-        retrieval=args.retrieval,
-    )
+    result = run_from_args(args, LANGUAGES)
     print(json.dumps(result, indent=1) if args.json else table(result))
     return 0
 

@@ -8,18 +8,11 @@ from lsprotocol import types
 from exlsp.completion.types import DocumentView, Suggestion
 from exlsp.server.documents import split_lines
 from exlsp.server.features.inline import inline_items, typed_word
+from tests.test_lsp_e2e import units
 
 # 'é' / 'ä' are 2 UTF-8 bytes and 1 UTF-16 unit; '😀' is 4 bytes and 2 units.
 TEXT = 'print("😀")\n    s = "😀é"; x = réturn_vä\nnext_line()\n'
 LINE = 1
-
-
-def units(text: str, encoding: str) -> int:
-    if encoding == "utf-8":
-        return len(text.encode("utf-8"))
-    if encoding == "utf-16":
-        return len(text.encode("utf-16-le")) // 2
-    return len(text)
 
 
 def index_of(body: str, count: int, encoding: str) -> int:
