@@ -57,6 +57,7 @@ from exlsp.benchmarks.provenance import (
 )
 from exlsp.completion.backends.base import GenerationJob
 from exlsp.completion.config import ModelConfig
+from exlsp.completion.decode import decode
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def run_job(backend: Any, prompt: list[int], *, reuse: bool) -> tuple[list[int],
         prompt=prompt, stop_ids=frozenset(), max_tokens=GENERATED, reuse_cache=reuse
     )
     t0 = time.perf_counter()
-    tokens = list(backend.stream(job))
+    tokens = list(decode(backend, job))
     total_ms = (time.perf_counter() - t0) * 1000
     s = job.stats
     return tokens, {
@@ -272,7 +273,7 @@ def cancel_latency(backend: Any, prompt: list[int], trials: int = 5) -> dict[str
                 started: threading.Event = started,
                 count: list[int] = count,
             ) -> None:
-                for _ in backend.stream(job):
+                for _ in decode(backend, job):
                     count[0] += 1
                     if count[0] == 10:
                         started.set()

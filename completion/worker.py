@@ -23,6 +23,7 @@ from exlsp.completion.backends.base import (
     GenerationJob,
     is_fatal,
 )
+from exlsp.completion.decode import decode
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +168,9 @@ class BackendWorker:
             backend = self.backend
             if backend is None:
                 raise RuntimeError("no model loaded")
-            reason = job.should_stop()
-            if reason:
-                job.stats.stop_reason = reason
-            else:
-                handle.started = time.perf_counter()
-                for token in backend.stream(job):
-                    handle._put(token)
+            handle.started = time.perf_counter()
+            for token in decode(backend, job):
+                handle._put(token)
         except BackendUnavailable as e:
             error = e  # an expected outage: the backend logged it, once
         except BaseException as e:

@@ -29,6 +29,7 @@ from exlsp.completion.backends.exllamav2_backend import (
     safetensors_parameter_count,
 )
 from exlsp.completion.config import ModelConfig
+from exlsp.completion.decode import decode
 
 NOT_INSTALLED = "not installed"
 
@@ -355,7 +356,7 @@ def _remote_rows(report: DoctorReport, model: ModelConfig, load: bool) -> None:
             deadline=time.monotonic() + 30,
         )
         try:
-            text = backend.tokenizer.decode(list(backend.stream(job)))
+            text = backend.tokenizer.decode(list(decode(backend, job)))
         except Exception as e:
             report.add("answers", f"no: {e}")
             report.fail(str(e))

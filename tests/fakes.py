@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from exlsp.completion.backends.base import GenerationJob, ModelInfo, common_prefix_length
 
@@ -42,6 +42,40 @@ class CharTokenizer:
         return self._special.get(token)
 
 
+class ScriptedRun:
+    """One character a step; the script's end is the model's end of sequence."""
+
+    end_reason = "eos"
+
+    def __init__(self, backend: ScriptedBackend, job: GenerationJob, keep: int, text: str):
+        self.backend = backend
+        self.prompt_tokens = len(job.prompt)
+        self.reused_tokens = keep
+        self.prefilled_tokens = len(job.prompt) - keep
+        self.max_tokens = job.max_tokens
+        self.text = text
+        self.at = 0
+
+    def prefill(self) -> list[int] | None:
+        return self.step()
+
+    def step(self) -> list[int] | None:
+        if self.at >= len(self.text):
+            return []
+        if self.backend.step_s:
+            time.sleep(self.backend.step_s)
+        token = ord(self.text[self.at])
+        self.at += 1
+        self.backend.cached.append(token)
+        return [token]
+
+    def failed(self, error: BaseException) -> BaseException | None:
+        return None
+
+    def close(self) -> dict[str, object]:
+        return {}
+
+
 class ScriptedBackend:
     """Emits `script(prompt_text)` one character per step, `step_s` seconds per step.
 
@@ -60,35 +94,15 @@ class ScriptedBackend:
         self.jobs: list[GenerationJob] = []
         self.started = threading.Event()
 
-    def stream(self, job: GenerationJob) -> Iterator[int]:
+    def start(self, job: GenerationJob) -> ScriptedRun:
         self.jobs.append(job)
         prompt = list(job.prompt)
         if not job.reuse_cache:
             self.cached = []
         keep = min(common_prefix_length(self.cached, prompt), len(prompt) - 1)
-        job.stats.prompt_tokens = len(prompt)
-        job.stats.reused_tokens = keep
-        job.stats.prefilled_tokens = len(prompt) - keep
         self.cached = prompt
         self.started.set()
-        text = self.script(self.tokenizer.decode(prompt))
-        t0 = time.perf_counter()
-        for i, ch in enumerate(text):
-            reason = job.should_stop()
-            if reason:
-                job.stats.stop_reason = reason
-                return
-            if self.step_s:
-                time.sleep(self.step_s)
-            if job.stats.ttft_ms is None:
-                job.stats.ttft_ms = (time.perf_counter() - t0) * 1000
-            job.stats.generated_tokens = i + 1
-            self.cached.append(ord(ch))
-            yield ord(ch)
-            if i + 1 >= job.max_tokens:
-                job.stats.stop_reason = "max_tokens"
-                return
-        job.stats.stop_reason = "eos"
+        return ScriptedRun(self, job, keep, self.script(self.tokenizer.decode(prompt)))
 
     def reset_cache(self) -> None:
         self.cached = []

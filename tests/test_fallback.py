@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from exlsp.completion.service import CompletionService, ModelLoadError
 from exlsp.completion.types import CompletionRequest, DocumentView
 from exlsp.server.config import Config, drop_user_only, merge
 from exlsp.server.documents import split_lines
-from tests.fakes import CharTokenizer, ScriptedBackend
+from tests.fakes import CharTokenizer, ScriptedBackend, ScriptedRun
 from tests.openai_fake_server import FakeOpenAIServer, streamed
 from tests.test_assist import CHAT_SPECIALS, QWEN_CHAT
 
@@ -48,11 +48,11 @@ class DyingBackend(ScriptedBackend):
         self.healthy_jobs = healthy_jobs
         self.closed = False
 
-    def stream(self, job: GenerationJob) -> Iterator[int]:
+    def start(self, job: GenerationJob) -> ScriptedRun:
         if len(self.jobs) >= self.healthy_jobs:
             self.jobs.append(job)
             raise self.error
-        yield from super().stream(job)
+        return super().start(job)
 
     def close(self) -> None:
         self.closed = True

@@ -31,6 +31,7 @@ from exlsp.completion.backends.openai_backend import (
     piece_text,
 )
 from exlsp.completion.config import CompletionConfig, EngineConfig, ModelConfig
+from exlsp.completion.decode import decode
 from exlsp.completion.fim import TEMPLATES
 from exlsp.completion.service import CompletionService, ModelLoadError, create_backend
 from exlsp.completion.tokenizer import HfTokenizer
@@ -301,7 +302,7 @@ async def test_the_tokenizer_is_checked_once_the_server_answers(
 
 def _run_job(backend: OpenAIBackend, job: GenerationJob, got: list[int]) -> threading.Thread:
     def run() -> None:
-        for token in backend.stream(job):
+        for token in decode(backend, job):
             got.append(token)
 
     thread = threading.Thread(target=run, daemon=True)
@@ -353,7 +354,7 @@ def test_the_deadline_ends_a_silent_request(fake) -> None:  # type: ignore[no-un
             deadline=time.monotonic() + 0.3,
         )
         t0 = time.perf_counter()
-        assert list(backend.stream(job)) == []
+        assert list(decode(backend, job)) == []
         assert time.perf_counter() - t0 < 0.6
         assert job.stats.stop_reason == "deadline"
     finally:

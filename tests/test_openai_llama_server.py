@@ -23,6 +23,7 @@ from pytest_lsp import ClientServerConfig, LanguageClient
 from exlsp.benchmarks.build_gguf import ensure_gguf
 from exlsp.completion.backends.base import GenerationJob
 from exlsp.completion.config import CompletionConfig, EngineConfig, ModelConfig
+from exlsp.completion.decode import decode
 from exlsp.completion.service import CompletionService, create_backend
 from exlsp.completion.types import CompletionRequest, CompletionResult, DocumentView
 from exlsp.server.documents import split_lines
@@ -187,16 +188,16 @@ def test_a_cancelled_generation_frees_the_server(llama: LlamaServer, trained_mod
         # How long the long generation takes when left to run.
         t0 = time.perf_counter()
         full = job(3000)
-        n_full = len(list(backend.stream(full)))
+        n_full = len(list(decode(backend, full)))
         full_s = time.perf_counter() - t0
         # Cancelled after its first few tokens, then the next job right away.
         cancelled = job(3000)
-        for i, _ in enumerate(backend.stream(cancelled)):
+        for i, _ in enumerate(decode(backend, cancelled)):
             if i == 2:
                 cancelled.cancel.set()
         t1 = time.perf_counter()
         short = job(1)
-        assert len(list(backend.stream(short))) == 1
+        assert len(list(decode(backend, short))) == 1
         next_s = time.perf_counter() - t1
         assert cancelled.stats.stop_reason == "cancelled"
         print(f"full: {n_full} pieces in {full_s:.2f} s; next job after a cancel: {next_s:.3f} s")

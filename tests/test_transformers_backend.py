@@ -11,6 +11,7 @@ import pytest
 from exlsp.completion.backends.base import GenerationJob
 from exlsp.completion.backends.transformers_backend import TransformersBackend
 from exlsp.completion.config import CompletionConfig, ModelConfig
+from exlsp.completion.decode import decode
 from exlsp.completion.fim import resolve_template
 from exlsp.completion.prompt import PromptBuilder
 from exlsp.completion.types import DocumentView
@@ -84,7 +85,7 @@ def run(
     max_tokens: int = 12,
 ) -> tuple[list[int], GenerationJob]:
     job = GenerationJob(prompt=prompt, stop_ids=stops, max_tokens=max_tokens, reuse_cache=reuse)
-    return list(backend.stream(job)), job
+    return list(decode(backend, job)), job
 
 
 def test_kv_reuse_is_exact_across_a_typing_session(
@@ -137,7 +138,7 @@ def test_cancellation_between_decode_steps(backend: TransformersBackend) -> None
     got: list[int] = []
 
     def consume() -> None:
-        for t in backend.stream(job):
+        for t in decode(backend, job):
             got.append(t)
 
     th = threading.Thread(target=consume)
@@ -159,7 +160,7 @@ def test_deadline(backend: TransformersBackend) -> None:
     job = GenerationJob(
         prompt=prompt, stop_ids=frozenset(), max_tokens=100_000, deadline=time.monotonic() + 0.2
     )
-    out = list(backend.stream(job))
+    out = list(decode(backend, job))
     assert job.stats.stop_reason == "deadline"
     assert 0 < len(out) < 100_000
 
@@ -174,7 +175,7 @@ def test_background_slot_keeps_the_main_cache(backend: TransformersBackend) -> N
         max_tokens=2,
         slot="background",
     )
-    list(backend.stream(other))
+    list(decode(backend, other))
     _, job = run(backend, prompt, frozenset(), reuse=True, max_tokens=2)
     assert job.stats.reused_tokens == len(prompt) - 1  # the main slot survived
 
@@ -205,10 +206,10 @@ def test_background_prefill_in_chunks_is_exact_and_stops_between_chunks(
 
             backend._forward = counting  # type: ignore[method-assign]
             try:
-                return list(backend.stream(job)), job
+                return list(decode(backend, job)), job
             finally:
                 del backend._forward
-        return list(backend.stream(job)), job
+        return list(decode(backend, job)), job
 
     chunked, job = background(None)
     assert chunked == one_pass  # chunked prefill computes the same cache
@@ -218,7 +219,7 @@ def test_background_prefill_in_chunks_is_exact_and_stops_between_chunks(
     # Two chunks ran and stay cached: resuming prefills only the rest.
     assert len(backend._cached) == 2 * BACKGROUND_PREFILL_CHUNK
     resumed = GenerationJob(prompt=prompt, stop_ids=frozenset(), max_tokens=6, slot="background")
-    assert list(backend.stream(resumed)) == one_pass
+    assert list(decode(backend, resumed)) == one_pass
     assert resumed.stats.reused_tokens == 2 * BACKGROUND_PREFILL_CHUNK
     backend._use_slot("main")
 

@@ -1,18 +1,18 @@
 """The backend protocol: streaming token generation with KV reuse.
 
-A backend is driven from exactly one thread (the `BackendWorker`'s). Its
-`stream` is a generator: it yields generated token ids one at a time and checks
-`job.cancel` and `job.deadline` between two decode steps, so a stale job stops
-within one step. It fills `job.stats` as it goes.
+A backend is driven from exactly one thread (the `BackendWorker`'s). It only
+starts a run on its KV cache, prefills and steps (`completion/decode.py`'s
+`Run`); the one decode loop, `decode`, applies stop ids, max tokens, the
+deadline, cancellation and the stats for every backend.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from exlsp.completion.tokenizer import Tokenizer
 from exlsp.completion.types import KvReuseStats
@@ -85,8 +85,8 @@ class Backend(Protocol):
     tokenizer: Tokenizer
     info: ModelInfo
 
-    def stream(self, job: GenerationJob) -> Iterator[int]:
-        """Yield generated token ids for `job.prompt`, reusing the KV cache."""
+    def start(self, job: GenerationJob) -> Any:
+        """A `decode.Run` for `job.prompt` on the KV cache (its common prefix kept)."""
         ...
 
     def reset_cache(self) -> None:

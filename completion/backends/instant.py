@@ -7,9 +7,8 @@ Suggestions are therefore always empty; it never invents text.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from exlsp.completion.backends.base import GenerationJob, ModelInfo
 from exlsp.completion.tokenizer import HfTokenizer
@@ -22,17 +21,33 @@ class InstantBackend:
         self.tokenizer = HfTokenizer(model_dir)
         self.info = ModelInfo(path=str(model_dir), backend=self.name)
 
-    def stream(self, job: GenerationJob) -> Iterator[int]:
-        t0 = time.perf_counter()
-        job.stats.prompt_tokens = len(job.prompt)
-        job.stats.prefilled_tokens = 0
-        job.stats.reused_tokens = len(job.prompt)
-        job.stats.stop_reason = "eos"
-        job.stats.prefill_ms = (time.perf_counter() - t0) * 1000
-        return iter(())
+    def start(self, job: GenerationJob) -> _InstantRun:
+        return _InstantRun(len(job.prompt))
 
     def reset_cache(self) -> None:
         pass
 
     def close(self) -> None:
         pass
+
+
+class _InstantRun:
+    """The whole prompt counts as reused; the model ends before its first token."""
+
+    end_reason = "eos"
+    prefilled_tokens = 0
+
+    def __init__(self, prompt_tokens: int) -> None:
+        self.prompt_tokens = self.reused_tokens = self.max_tokens = prompt_tokens
+
+    def prefill(self) -> list[int]:
+        return []
+
+    def step(self) -> list[int]:
+        return []
+
+    def failed(self, error: BaseException) -> None:
+        return None
+
+    def close(self) -> dict[str, Any]:
+        return {}

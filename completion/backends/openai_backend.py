@@ -55,7 +55,7 @@ import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -665,121 +665,16 @@ class OpenAIBackend:
         except BaseException as e:
             out.put(("error", self._describe(e, "streaming")))
 
-    def stream(self, job: GenerationJob) -> Iterator[int]:
-        stats = job.stats
-        stats.reuse_known = False
-        stats.prompt_tokens = len(job.prompt)
-        stats.prefilled_tokens = len(job.prompt)
+    def start(self, job: GenerationJob) -> _RemoteRun:
         try:
             self.health.check()
             if not self.tokenizer_checked:
                 self._check_tokenizer()  # the server was down when the backend loaded
-        except BackendUnavailable:
-            stats.stop_reason = "unavailable"
-            raise
         except RemoteConfigError as e:
-            stats.stop_reason = "error"
             raise self.health.failed(str(e)) from None
         body = self.request_body(job)
         self._drop_cache = False
-        stops = body.get("stop", [])
-        longest_stop = max((len(s) for s in stops), default=0)
-        items: queue.Queue[tuple[str, Any]] = queue.Queue()
-        t0 = time.perf_counter()
-        self._requests += 1
-        fut: Future[None] = asyncio.run_coroutine_threadsafe(
-            self._post_stream(body, items), self._loop
-        )
-        held = ""  # text that may be the start of a stop string
-        chunks = 0
-        finish: str | None = None
-        usage: dict[str, Any] | None = None
-        timings: dict[str, Any] | None = None
-        first_at: float | None = None
-        complete = False
-        try:
-            while True:
-                reason = job.should_stop()
-                if reason:
-                    stats.stop_reason = reason
-                    if reason == "deadline" and first_at is None:
-                        self._silent_deadline()
-                    return
-                try:
-                    kind, value = items.get(timeout=_POLL_S)
-                except queue.Empty:
-                    continue
-                if kind == "error":
-                    stats.stop_reason = "error"
-                    raise self.health.failed(value.message)
-                if kind == "end":
-                    complete = bool(value)
-                    break
-                if isinstance(value.get("error"), dict | str):
-                    err = value["error"]
-                    detail = err.get("message", err) if isinstance(err, dict) else err
-                    stats.stop_reason = "error"
-                    raise self.health.failed(
-                        f"the inference server at {self.display_url} reported an error: "
-                        + self._scrub(str(detail))
-                    )
-                if isinstance(value.get("usage"), dict):
-                    usage = value["usage"]
-                if isinstance(value.get("timings"), dict):
-                    timings = value["timings"]
-                choices = value.get("choices")
-                if not isinstance(choices, list) or not choices:
-                    continue
-                choice = choices[0] if isinstance(choices[0], dict) else {}
-                text = choice.get("text")
-                if isinstance(choice.get("finish_reason"), str):
-                    finish = choice["finish_reason"]
-                if not isinstance(text, str) or not text:
-                    continue
-                if first_at is None:
-                    first_at = time.perf_counter()
-                    stats.ttft_ms = (first_at - t0) * 1000
-                held += text
-                cut = _first_stop(held, stops)
-                if cut is not None:
-                    emit, held = held[:cut], ""
-                    finish = "stop"
-                else:
-                    keep = _stop_prefix_len(held, stops, longest_stop)
-                    emit, held = held[: len(held) - keep], held[len(held) - keep :]
-                if emit:
-                    chunks += 1
-                    stats.generated_tokens = chunks
-                    yield piece_id(emit)
-                if cut is not None:
-                    break
-            if held:
-                chunks += 1
-                stats.generated_tokens = chunks
-                yield piece_id(held)
-            if finish is None and not complete:
-                raise self.health.failed(
-                    f"the inference server at {self.display_url} ended the stream before the "
-                    "completion finished"
-                )
-            self.health.ok()
-            self._silent = 0
-            stats.stop_reason = "max_tokens" if finish == "length" else "eos"
-            if finish is None and chunks >= job.max_tokens:
-                stats.stop_reason = "max_tokens"
-        except GeneratorExit:
-            stats.stop_reason = stats.stop_reason or "closed"
-            raise
-        finally:
-            if not fut.done():
-                fut.cancel()  # closes the HTTP stream: the server stops generating
-            _apply_server_stats(stats, usage, timings, len(job.prompt))
-            end = time.perf_counter()
-            if first_at is not None:
-                if not stats.prefill_ms:
-                    stats.prefill_ms = (first_at - t0) * 1000
-                if not stats.decode_ms:
-                    stats.decode_ms = (end - first_at) * 1000
+        return _RemoteRun(self, job, body)
 
     def _silent_deadline(self) -> None:
         """A deadline passed before the first token. Several in a row: back off.
@@ -817,6 +712,130 @@ class OpenAIBackend:
             loop.close()
 
 
+class _RemoteRun:
+    """One streamed request: each step is the next text piece (a piece id) from the server.
+
+    Stop strings are applied here on the text (the server applies them too, but a
+    piece may end inside one), and the server's own figures (reused tokens,
+    timings) replace the estimates when the run closes.
+    """
+
+    def __init__(self, backend: OpenAIBackend, job: GenerationJob, body: dict[str, Any]) -> None:
+        self._b = backend
+        self._job = job
+        self.prompt_tokens = len(job.prompt)
+        self.reused_tokens = 0
+        self.prefilled_tokens = len(job.prompt)
+        self.max_tokens = job.max_tokens
+        self.end_reason = ""
+        self._stops: list[str] = body.get("stop", [])
+        self._longest_stop = max((len(s) for s in self._stops), default=0)
+        self._items: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._held = ""  # text that may be the start of a stop string
+        self._pieces = 0
+        self._finish: str | None = None
+        self._usage: dict[str, Any] | None = None
+        self._timings: dict[str, Any] | None = None
+        self._first = True
+        self._ended = False
+        backend._requests += 1
+        self._fut: Future[None] = asyncio.run_coroutine_threadsafe(
+            backend._post_stream(body, self._items), backend._loop
+        )
+
+    def prefill(self) -> list[int] | None:
+        return self.step()
+
+    def step(self) -> list[int] | None:
+        b = self._b
+        while not self._ended:
+            reason = self._job.should_stop()
+            if reason:
+                if reason == "deadline" and self._first:
+                    b._silent_deadline()
+                return None
+            try:
+                kind, value = self._items.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+            if kind == "error":
+                raise b.health.failed(value.message)
+            if kind == "end":
+                return self._end(complete=bool(value))
+            piece = self._piece(value)
+            if piece:
+                self._first = False
+                self._pieces += 1
+                return [piece_id(piece)]
+        return []
+
+    def _piece(self, value: dict[str, Any]) -> str:
+        """The text of one SSE object that is safe to show (no part of a stop string)."""
+        b = self._b
+        if isinstance(value.get("error"), dict | str):
+            err = value["error"]
+            detail = err.get("message", err) if isinstance(err, dict) else err
+            raise b.health.failed(
+                f"the inference server at {b.display_url} reported an error: "
+                + b._scrub(str(detail))
+            )
+        if isinstance(value.get("usage"), dict):
+            self._usage = value["usage"]
+        if isinstance(value.get("timings"), dict):
+            self._timings = value["timings"]
+        choices = value.get("choices")
+        if not isinstance(choices, list) or not choices:
+            return ""
+        choice = choices[0] if isinstance(choices[0], dict) else {}
+        text = choice.get("text")
+        if isinstance(choice.get("finish_reason"), str):
+            self._finish = choice["finish_reason"]
+        if not isinstance(text, str) or not text:
+            return ""
+        self._held += text
+        cut = _first_stop(self._held, self._stops)
+        if cut is not None:
+            emit, self._held = self._held[:cut], ""
+            self._finish = "stop"
+            self._finished()
+            return emit
+        keep = _stop_prefix_len(self._held, self._stops, self._longest_stop)
+        emit, self._held = (
+            self._held[: len(self._held) - keep],
+            self._held[len(self._held) - keep :],
+        )
+        return emit
+
+    def _end(self, complete: bool) -> list[int]:
+        if self._finish is None and not complete:
+            raise self._b.health.failed(
+                f"the inference server at {self._b.display_url} ended the stream before the "
+                "completion finished"
+            )
+        self._finished()
+        held, self._held = self._held, ""
+        if held:
+            self._pieces += 1
+            return [piece_id(held)]
+        return []
+
+    def _finished(self) -> None:
+        self._ended = True
+        self._b.health.ok()
+        self._b._silent = 0
+        self.end_reason = "max_tokens" if self._finish == "length" else "eos"
+        if self._finish is None and self._pieces >= self._job.max_tokens:
+            self.end_reason = "max_tokens"
+
+    def failed(self, error: BaseException) -> BaseException | None:
+        return None
+
+    def close(self) -> dict[str, Any]:
+        if not self._fut.done():
+            self._fut.cancel()  # closes the HTTP stream: the server stops generating
+        return server_figures(self._usage, self._timings, self.prompt_tokens)
+
+
 def _os_reason(e: BaseException) -> str:
     """The operating system's words for the error under `e` ("Connection refused")."""
     seen = 0
@@ -844,22 +863,24 @@ def _stop_prefix_len(text: str, stops: Sequence[str], longest: int) -> int:
     return 0
 
 
-def _apply_server_stats(
-    stats: Any, usage: dict[str, Any] | None, timings: dict[str, Any] | None, sent: int
-) -> None:
-    """Fill the job's figures from what the server reported, where it did.
+def server_figures(
+    usage: dict[str, Any] | None, timings: dict[str, Any] | None, sent: int
+) -> dict[str, Any]:
+    """The job's figures from what the server reported, where it did.
 
     The KV cache is the server's: reused tokens are known only when it says so
     (OpenAI-style ``usage.prompt_tokens_details.cached_tokens``, which vLLM sends
     with ``--enable-prompt-tokens-details`` and llama.cpp always; llama.cpp's
-    ``timings.cache_n``). Otherwise `reuse_known` stays False.
+    ``timings.cache_n``). Otherwise `reuse_known` is False.
     """
+    out: dict[str, Any] = {"reuse_known": False}
+    prompt = sent
     cached: int | None = None
     if usage:
         if isinstance(usage.get("prompt_tokens"), int):
-            stats.prompt_tokens = usage["prompt_tokens"]
+            prompt = usage["prompt_tokens"]
         if isinstance(usage.get("completion_tokens"), int):
-            stats.generated_tokens = usage["completion_tokens"]
+            out["generated_tokens"] = usage["completion_tokens"]
         details = usage.get("prompt_tokens_details")
         if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
             cached = details["cached_tokens"]
@@ -868,17 +889,17 @@ def _apply_server_stats(
             cached = timings["cache_n"]
             if isinstance(timings.get("prompt_n"), int):
                 # llama.cpp: the prompt was cache_n reused tokens plus prompt_n new ones.
-                stats.prompt_tokens = cached + timings["prompt_n"]
+                prompt = cached + timings["prompt_n"]
         if isinstance(timings.get("prompt_ms"), int | float):
-            stats.prefill_ms = float(timings["prompt_ms"])
+            out["prefill_ms"] = float(timings["prompt_ms"])
         if isinstance(timings.get("predicted_ms"), int | float):
-            stats.decode_ms = float(timings["predicted_ms"])
+            out["decode_ms"] = float(timings["predicted_ms"])
+    out["prompt_tokens"] = prompt
     if cached is not None:
-        stats.reuse_known = True
-        stats.reused_tokens = cached
-        stats.prefilled_tokens = max(0, stats.prompt_tokens - cached)
-    elif not stats.prompt_tokens:
-        stats.prompt_tokens = sent
+        out["reuse_known"] = True
+        out["reused_tokens"] = cached
+        out["prefilled_tokens"] = max(0, prompt - cached)
+    return out
 
 
 def load_openai_backend(config: ModelConfig) -> OpenAIBackend:

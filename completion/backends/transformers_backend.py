@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,9 +122,13 @@ class TransformersBackend:
         if self._past is None:
             self._past = self._cache_cls(config=self.model.config)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        out = self.model(
-            input_ids=input_ids, **{self._cache_arg: self._past}, use_cache=True, logits_to_keep=1
-        )
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=input_ids,
+                **{self._cache_arg: self._past},
+                use_cache=True,
+                logits_to_keep=1,
+            )
         self._cached.extend(ids)
         return out.logits[0, -1]
 
@@ -149,9 +151,7 @@ class TransformersBackend:
 
     # -- generation ----------------------------------------------------------
 
-    def stream(self, job: GenerationJob) -> Iterator[int]:
-        torch = self._torch
-        stats = job.stats
+    def start(self, job: GenerationJob) -> _TransformersRun:
         prompt = list(job.prompt)
         if not prompt:
             raise ValueError("empty prompt")
@@ -163,56 +163,10 @@ class TransformersBackend:
         self._use_slot(job.slot)
         if not job.reuse_cache:
             self.reset_cache()
-        t0 = time.perf_counter()
         # At least the last prompt token is prefilled: its logits give the first token.
         keep = min(common_prefix_length(self._cached, prompt), len(prompt) - 1)
         self._keep(keep)
-        stats.prompt_tokens = len(prompt)
-        stats.reused_tokens = keep
-        stats.prefilled_tokens = len(prompt) - keep
-        reason = job.should_stop()
-        if reason:
-            stats.stop_reason = reason
-            return
-        try:
-            with torch.inference_mode():
-                logits = self._prefill(prompt[keep:], job)
-                stats.prefill_ms = (time.perf_counter() - t0) * 1000
-                if logits is None:
-                    stats.stop_reason = job.should_stop() or "cancelled"
-                    return
-                t1 = time.perf_counter()
-                generated = 0
-                while True:
-                    token = int(torch.argmax(logits).item())
-                    if token in job.stop_ids:
-                        stats.stop_reason = "eos"
-                        break
-                    generated += 1
-                    stats.generated_tokens = generated
-                    if stats.ttft_ms is None:
-                        stats.ttft_ms = (time.perf_counter() - t0) * 1000
-                    yield token
-                    if generated >= job.max_tokens:
-                        stats.stop_reason = "max_tokens"
-                        break
-                    if len(self._cached) + 1 >= self.context_length:
-                        stats.stop_reason = "context_full"
-                        break
-                    reason = job.should_stop()
-                    if reason:
-                        stats.stop_reason = reason
-                        break
-                    logits = self._forward([token])
-                stats.decode_ms = (time.perf_counter() - t1) * 1000
-        except GeneratorExit:
-            stats.stop_reason = stats.stop_reason or "closed"
-            raise
-        except Exception:
-            # A failed forward leaves the cache in an unknown state.
-            self.reset_cache()
-            stats.stop_reason = "error"
-            raise
+        return _TransformersRun(self, job, prompt, keep)
 
     def close(self) -> None:
         self.reset_cache()
@@ -220,5 +174,42 @@ class TransformersBackend:
         self.model = None
 
 
-def load_transformers_backend(config: ModelConfig, model_dir: Path) -> TransformersBackend:
-    return TransformersBackend(config, model_dir)
+class _TransformersRun:
+    """One job on the backend's cache: greedy, one token per forward pass."""
+
+    end_reason = ""
+
+    def __init__(
+        self, backend: TransformersBackend, job: GenerationJob, prompt: list[int], keep: int
+    ):
+        self._b = backend
+        self._job = job
+        self._prompt = prompt
+        self.prompt_tokens = len(prompt)
+        self.reused_tokens = keep
+        self.prefilled_tokens = len(prompt) - keep
+        self.max_tokens = job.max_tokens
+        self._last: int | None = None
+
+    def _pick(self, logits: Any) -> list[int]:
+        self._last = int(self._b._torch.argmax(logits).item())
+        return [self._last]
+
+    def prefill(self) -> list[int] | None:
+        logits = self._b._prefill(self._prompt[self.reused_tokens :], self._job)
+        return None if logits is None else self._pick(logits)
+
+    def step(self) -> list[int] | None:
+        assert self._last is not None
+        if len(self._b._cached) + 1 >= self._b.context_length:
+            self.end_reason = "context_full"
+            return []
+        return self._pick(self._b._forward([self._last]))
+
+    def failed(self, error: BaseException) -> BaseException | None:
+        # A failed forward leaves the cache in an unknown state.
+        self._b.reset_cache()
+        return None
+
+    def close(self) -> dict[str, Any]:
+        return {}
