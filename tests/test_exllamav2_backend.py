@@ -38,6 +38,7 @@ from exlsp.completion.backends.exllamav2_backend import (
     safetensors_parameter_count,
 )
 from exlsp.completion.config import ModelConfig
+from exlsp.completion.decode import decode
 
 VOCAB = 64
 EOS = 63
@@ -179,7 +180,7 @@ def run(
         reuse_cache=reuse,
         deadline=deadline,
     )
-    return list(backend.stream(job)), job
+    return list(decode(backend, job)), job
 
 
 def typing_prompts(steps: int = 50) -> list[list[int]]:
@@ -351,7 +352,7 @@ def test_cancel_stops_before_the_next_forward() -> None:
     job = GenerationJob(prompt=typing_prompts(4)[-1], stop_ids=frozenset(), max_tokens=100)
     got = []
     calls_at_cancel = 0
-    for token in backend.stream(job):
+    for token in decode(backend, job):
         got.append(token)
         if len(got) == 3:
             job.cancel.set()
@@ -369,7 +370,7 @@ def test_cancel_from_another_thread_within_one_step() -> None:
     calls_at_cancel: list[int] = []
 
     def consume() -> None:
-        got.extend(backend.stream(job))
+        got.extend(decode(backend, job))
 
     worker = threading.Thread(target=consume)
     worker.start()
@@ -393,7 +394,7 @@ def test_cancel_during_prefill_aborts_and_keeps_the_finished_chunks() -> None:
             job.cancel.set()
 
     model.on_chunk = cancel_after_two_chunks
-    assert list(backend.stream(job)) == []
+    assert list(decode(backend, job)) == []
     assert job.stats.stop_reason == "cancelled"
     assert job.stats.prefilled_tokens == 32
     assert backend._cached == prompt[:32]
@@ -408,7 +409,7 @@ def test_closing_the_stream_keeps_the_cache_consistent() -> None:
     backend = make_backend()
     prompt = typing_prompts(6)[-1]
     job = GenerationJob(prompt=prompt, stop_ids=frozenset(), max_tokens=20)
-    stream = backend.stream(job)
+    stream = decode(backend, job)
     first = [next(stream) for _ in range(4)]
     stream.close()
     assert job.stats.stop_reason == "closed"
@@ -493,7 +494,7 @@ def test_out_of_memory_while_decoding_resets_and_the_next_job_works() -> None:
     job = GenerationJob(prompt=[*prompt, 1], stop_ids=frozenset(), max_tokens=20)
     got: list[int] = []
     with pytest.raises(GpuOutOfMemoryError, match="GPU out of memory while generating"):
-        for token in backend.stream(job):
+        for token in decode(backend, job):
             got.append(token)
     assert len(got) == 3
     assert job.stats.stop_reason == "error"
@@ -526,7 +527,7 @@ def test_other_errors_reset_the_cache_and_propagate() -> None:
     backend = make_backend(Broken())
     job = GenerationJob(prompt=[1, 2, 3], stop_ids=frozenset(), max_tokens=5)
     with pytest.raises(ValueError, match="kernel failed"):
-        list(backend.stream(job))
+        list(decode(backend, job))
     assert job.stats.stop_reason == "error"
     assert backend.cache.current_seq_len == 0
 
@@ -667,7 +668,7 @@ def test_dynamic_mode_cancel_cancels_the_generator_job() -> None:
     dynamic, gen = make_dynamic()
     job = GenerationJob(prompt=[4, 5, 6], stop_ids=frozenset(), max_tokens=100)
     got = []
-    for token in dynamic.stream(job):
+    for token in decode(dynamic, job):
         got.append(token)
         if len(got) == 2:
             job.cancel.set()
@@ -831,14 +832,14 @@ def test_background_jobs_keep_the_completion_cache() -> None:
     prompt = [(i * 7 + 3) % 60 for i in range(200)]
     run(backend, prompt)
     hover = [(i * 5 + 1) % 60 for i in range(150)]
-    hover_out = list(backend.stream(background_job(hover)))
+    hover_out = list(decode(backend, background_job(hover)))
     assert len(made) == 1  # made at the first background job
-    assert hover_out == list(fresh.stream(background_job(hover)))
+    assert hover_out == list(decode(fresh, background_job(hover)))
     out, job = run(backend, [*prompt, 9])
     assert job.stats.reused_tokens == len(prompt)  # the completion cache survived the hover
     assert out == run(fresh, [*prompt, 9], reuse=False)[0]
     again = background_job([*hover, 11])
-    list(backend.stream(again))
+    list(decode(backend, again))
     assert again.stats.reused_tokens == len(hover)  # and the background cache its own
     assert len(made) == 1
 
@@ -855,8 +856,8 @@ def test_without_memory_for_a_second_cache_background_work_shares_the_one() -> N
     prompt = [(i * 7 + 3) % 60 for i in range(100)]
     run(backend, prompt)
     hover = background_job([(i * 5 + 1) % 60 for i in range(50)])
-    assert list(backend.stream(hover))  # served, on the shared cache
+    assert list(decode(backend, hover))  # served, on the shared cache
     _, job = run(backend, [*prompt, 9])
     assert job.stats.reused_tokens == 0  # the hover displaced the completion's prompt
-    list(backend.stream(background_job([1, 2, 3])))
+    list(decode(backend, background_job([1, 2, 3])))
     assert tries == 1  # no second try at the allocation

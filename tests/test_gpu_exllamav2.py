@@ -36,6 +36,7 @@ from exlsp.completion.backends.exllamav2_backend import (
     round_seq_len,
 )
 from exlsp.completion.config import ModelConfig
+from exlsp.completion.decode import decode
 from exlsp.completion.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.gpu
@@ -125,7 +126,7 @@ def generate(
     job = GenerationJob(
         prompt=prompt, stop_ids=frozenset(), max_tokens=max_tokens, reuse_cache=reuse
     )
-    return list(b.stream(job)), job
+    return list(decode(b, job)), job
 
 
 def margin(b: ExLlamaV2Backend, ids: list[int], a: int, c: int) -> float:
@@ -166,7 +167,7 @@ def test_cancel_mid_generation_and_continue(backend: ExLlamaV2Backend) -> None:
     prompt = typing_session(backend.tokenizer, 5)[-1]
     job = GenerationJob(prompt=prompt, stop_ids=frozenset(), max_tokens=500)
     got = []
-    for token in backend.stream(job):
+    for token in decode(backend, job):
         got.append(token)
         if len(got) == 5:
             job.cancel.set()
@@ -182,7 +183,7 @@ def test_cancel_from_another_thread_stops_a_long_prefill(backend: ExLlamaV2Backe
     ids = tok.encode(inspect.getsource(textwrap))[:3500]
     job = GenerationJob(prompt=ids, stop_ids=frozenset(), max_tokens=100, reuse_cache=False)
     result: list[int] = []
-    worker = threading.Thread(target=lambda: result.extend(backend.stream(job)))
+    worker = threading.Thread(target=lambda: result.extend(decode(backend, job)))
     t0 = time.perf_counter()
     worker.start()
     job.cancel.set()

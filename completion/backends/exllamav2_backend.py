@@ -54,7 +54,7 @@ import os
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -503,16 +503,15 @@ class ExLlamaV2Backend:
             self._cached.extend(ids[: max(done, 0)])
         return logits
 
-    def _recover(self, job: GenerationJob, error: BaseException) -> GpuOutOfMemoryError | None:
+    def _recover(self, prompt_tokens: int, error: BaseException) -> GpuOutOfMemoryError | None:
         """Reset after a failed step. For an out-of-memory error, the error to raise
         once the original exception (whose frames hold GPU tensors) is released."""
-        job.stats.stop_reason = "error"
         self._generator = None  # rebuilt on next use (dynamic mode)
         self.reset_cache()
         if not is_out_of_memory(error):
             return None
         return GpuOutOfMemoryError(
-            f"GPU out of memory while generating ({len(job.prompt)} prompt tokens, "
+            f"GPU out of memory while generating ({prompt_tokens} prompt tokens, "
             f"KV cache of {self.max_seq_len} tokens); the KV cache was reset, "
             "the next request starts from an empty cache"
         )
@@ -524,10 +523,18 @@ class ExLlamaV2Backend:
 
     # -- generation ----------------------------------------------------------
 
-    def stream(self, job: GenerationJob) -> Iterator[int]:
+    def start(self, job: GenerationJob) -> _ForwardRun | _DynamicRun:
         if self.generation == "dynamic":
-            return self._stream_dynamic(job)
-        return self._stream_forward(job)
+            return _DynamicRun(self, job)
+        reserve = self._ngram.max_tokens if self._ngram else 0
+        self._use_slot(job.slot)
+        prompt, max_tokens = self._fit(job, reserve)
+        if not job.reuse_cache:
+            self.reset_cache()
+        # At least the last prompt token is prefilled: its logits give the first token.
+        keep = min(common_prefix_length(self._cached, prompt), len(prompt) - 1)
+        self._keep(keep)
+        return _ForwardRun(self, job, prompt, keep, max_tokens)
 
     def _fit(self, job: GenerationJob, reserve: int) -> tuple[list[int], int]:
         prompt = list(job.prompt)
@@ -541,184 +548,6 @@ class ExLlamaV2Backend:
             prompt = prompt[-room:]
         return prompt, max_tokens
 
-    def _stream_forward(self, job: GenerationJob) -> Iterator[int]:
-        torch = self._torch
-        stats = job.stats
-        draft = self._ngram
-        reserve = draft.max_tokens if draft else 0
-        self._use_slot(job.slot)
-        prompt, max_tokens = self._fit(job, reserve)
-        if not job.reuse_cache:
-            self.reset_cache()
-        t0 = time.perf_counter()
-        stats.prompt_tokens = len(prompt)
-        reason = job.should_stop()
-        if reason:
-            stats.stop_reason = reason
-            return
-        abort = _StopSignal(job)
-        oom: GpuOutOfMemoryError | None = None
-        try:
-            # At least the last prompt token is prefilled: its logits give the first token.
-            keep = min(common_prefix_length(self._cached, prompt), len(prompt) - 1)
-            self._keep(keep)
-            stats.reused_tokens = keep
-            logits = self._forward(prompt[keep:], last_only=True, abort=abort)
-            stats.prefilled_tokens = len(self._cached) - keep
-            if logits is None:
-                stats.stop_reason = job.should_stop() or "cancelled"
-                return
-            pending = [int(torch.argmax(logits[0, -1]).item())]
-            stats.prefill_ms = (time.perf_counter() - t0) * 1000
-            if max_tokens <= 0:
-                stats.stop_reason = "max_tokens"
-                return
-            seq = None
-            if draft is not None:
-                seq = self._np.zeros(len(prompt) + max_tokens + reserve + 1, dtype=self._np.int64)
-                seq[: len(prompt)] = prompt
-            length = len(prompt)
-            generated = 0
-            # `pending`: greedy tokens not yet in the cache (the first one never is).
-            while True:
-                for token in pending:
-                    if token in job.stop_ids:
-                        stats.stop_reason = "eos"
-                        return
-                    generated += 1
-                    stats.generated_tokens = generated
-                    if stats.ttft_ms is None:
-                        stats.ttft_ms = (time.perf_counter() - t0) * 1000
-                    if seq is not None:
-                        seq[length] = token
-                    length += 1
-                    yield token
-                    if generated >= max_tokens:
-                        stats.stop_reason = "max_tokens"
-                        return
-                    reason = job.should_stop()
-                    if reason:
-                        stats.stop_reason = reason
-                        return
-                nxt = pending[-1]
-                room = self.max_seq_len - len(self._cached) - 1
-                if room < 0:
-                    stats.stop_reason = "context_full"
-                    return
-                proposal: list[int] = []
-                if draft is not None and seq is not None:
-                    proposal = draft.propose(seq, length, min(room, max_tokens - generated - 1))
-                logits = self._forward([nxt, *proposal], last_only=False, abort=abort)
-                if logits is None:
-                    stats.stop_reason = job.should_stop() or "cancelled"
-                    return
-                if not proposal:
-                    pending = [int(torch.argmax(logits[0, -1]).item())]
-                    continue
-                greedy = [int(t) for t in torch.argmax(logits[0], dim=-1).tolist()]
-                accepted = 0
-                while accepted < len(proposal) and proposal[accepted] == greedy[accepted]:
-                    accepted += 1
-                # Cached: nxt + the accepted drafts; the rejected drafts are dropped.
-                self._keep(len(self._cached) - (len(proposal) - accepted))
-                pending = greedy[: accepted + 1]
-                self.draft_proposed += len(proposal)
-                self.draft_accepted += accepted
-        except GeneratorExit:
-            stats.stop_reason = stats.stop_reason or "closed"
-            raise
-        except Exception as e:
-            oom = self._recover(job, e)
-            if oom is None:
-                raise
-        finally:
-            if stats.prefill_ms:
-                stats.decode_ms = (time.perf_counter() - t0) * 1000 - stats.prefill_ms
-        # Only reached after an out-of-memory error, now released with its frames.
-        self._release_memory()
-        raise oom
-
-    def _stream_dynamic(self, job: GenerationJob) -> Iterator[int]:
-        assert self._dynamic is not None
-        stats = job.stats
-        api = self._dynamic
-        prompt, max_tokens = self._fit(job, api.num_draft_tokens)
-        if self._generator is None:
-            self._generator = api.make_generator()
-        gen = self._generator
-        if not job.reuse_cache:
-            self.reset_cache()
-        t0 = time.perf_counter()
-        stats.prompt_tokens = len(prompt)
-        reason = job.should_stop()
-        if reason:
-            stats.stop_reason = reason
-            return
-        # The generator ends n-gram jobs `num_draft_tokens` early: ask for more, cut here.
-        djob = api.make_job(prompt, max_tokens + api.num_draft_tokens, sorted(job.stop_ids))
-        gen.enqueue(djob)
-        generated = 0
-        finished = False
-        oom: GpuOutOfMemoryError | None = None
-        try:
-            while not finished:
-                reason = job.should_stop()
-                if reason:
-                    stats.stop_reason = reason
-                    return
-                for r in gen.iterate():
-                    if r.get("job") is not djob or r.get("stage") != "streaming":
-                        continue
-                    if not stats.prefill_ms:
-                        stats.reused_tokens = int(getattr(djob, "cached_tokens", 0))
-                        stats.prefilled_tokens = len(prompt) - stats.reused_tokens
-                        stats.prefill_ms = (time.perf_counter() - t0) * 1000
-                    ids: list[int] = []
-                    if r.get("token_ids") is not None:
-                        ids += [int(t) for t in r["token_ids"].flatten().tolist()]
-                    held = r.get("held") or {}
-                    if r.get("eos") and held.get("token_ids") is not None:
-                        ids += [int(t) for t in held["token_ids"].flatten().tolist()]
-                    for token in ids:
-                        if token in job.stop_ids:
-                            stats.stop_reason = "eos"
-                            finished = True
-                            break
-                        generated += 1
-                        stats.generated_tokens = generated
-                        if stats.ttft_ms is None:
-                            stats.ttft_ms = (time.perf_counter() - t0) * 1000
-                        yield token
-                        if generated >= max_tokens:
-                            stats.stop_reason = "max_tokens"
-                            return
-                        reason = job.should_stop()
-                        if reason:
-                            stats.stop_reason = reason
-                            return
-                    if r.get("eos") and not finished:
-                        finished = True
-                        eos_reason = r.get("eos_reason")
-                        stats.stop_reason = (
-                            "max_tokens" if eos_reason == "max_new_tokens" else "eos"
-                        )
-        except GeneratorExit:
-            stats.stop_reason = stats.stop_reason or "closed"
-            raise
-        except Exception as e:
-            oom = self._recover(job, e)
-            if oom is None:
-                raise
-        finally:
-            if self._generator is gen and not getattr(djob, "is_finished", finished):
-                with contextlib.suppress(Exception):
-                    gen.cancel(djob)  # keeps what was cached (unpaged: page backup)
-            if stats.prefill_ms:
-                stats.decode_ms = (time.perf_counter() - t0) * 1000 - stats.prefill_ms
-        if oom is not None:
-            self._release_memory()
-            raise oom
-
     def close(self) -> None:
         self._generator = None
         self._cached = []
@@ -730,6 +559,169 @@ class ExLlamaV2Backend:
         self.cache = None
         if self._on_close is not None:
             self._on_close()
+
+
+class _ForwardRun:
+    """One job in the `forward` mode: greedy, one forward pass per step of the last
+    uncached token plus any n-gram draft, whose accepted tokens come back together."""
+
+    end_reason = ""
+
+    def __init__(
+        self,
+        backend: ExLlamaV2Backend,
+        job: GenerationJob,
+        prompt: list[int],
+        keep: int,
+        max_tokens: int,
+    ) -> None:
+        self._b = backend
+        self._prompt = prompt
+        self._abort = _StopSignal(job)
+        self.prompt_tokens = len(prompt)
+        self.reused_tokens = keep
+        self.prefilled_tokens = 0
+        self.max_tokens = max_tokens
+        self._draft = backend._ngram
+        self._seq: Any = None  # the prompt and the tokens so far, for the draft's lookup
+        if self._draft is not None:
+            np = backend._np
+            self._seq = np.zeros(len(prompt) + max_tokens + self._draft.max_tokens + 1, np.int64)
+            self._seq[: len(prompt)] = prompt
+        self._length = len(prompt)
+        self._generated = 0
+        # Greedy tokens returned but not yet in the cache (the last one never is).
+        self._pending: list[int] = []
+        self._oom = False
+
+    def _take(self, tokens: list[int]) -> list[int]:
+        self._pending = tokens
+        return tokens
+
+    def prefill(self) -> list[int] | None:
+        b = self._b
+        # Whatever was processed before an abort (whole chunks) stays cached.
+        logits = b._forward(self._prompt[self.reused_tokens :], last_only=True, abort=self._abort)
+        self.prefilled_tokens = len(b._cached) - self.reused_tokens
+        if logits is None:
+            return None
+        return self._take([int(b._torch.argmax(logits[0, -1]).item())])
+
+    def step(self) -> list[int] | None:
+        b = self._b
+        for token in self._pending:
+            if self._seq is not None:
+                self._seq[self._length] = token
+            self._length += 1
+        self._generated += len(self._pending)
+        room = b.max_seq_len - len(b._cached) - 1
+        if room < 0:
+            self.end_reason = "context_full"
+            return []
+        proposal: list[int] = []
+        if self._draft is not None:
+            limit = min(room, self.max_tokens - self._generated - 1)
+            proposal = self._draft.propose(self._seq, self._length, limit)
+        logits = b._forward([self._pending[-1], *proposal], last_only=False, abort=self._abort)
+        if logits is None:
+            return None
+        torch = b._torch
+        if not proposal:
+            return self._take([int(torch.argmax(logits[0, -1]).item())])
+        greedy = [int(t) for t in torch.argmax(logits[0], dim=-1).tolist()]
+        accepted = 0
+        while accepted < len(proposal) and proposal[accepted] == greedy[accepted]:
+            accepted += 1
+        # Cached: the last token + the accepted drafts; the rejected drafts are dropped.
+        b._keep(len(b._cached) - (len(proposal) - accepted))
+        b.draft_proposed += len(proposal)
+        b.draft_accepted += accepted
+        return self._take(greedy[: accepted + 1])
+
+    def failed(self, error: BaseException) -> BaseException | None:
+        oom = self._b._recover(self.prompt_tokens, error)
+        self._oom = oom is not None
+        return oom
+
+    def close(self) -> dict[str, Any]:
+        if self._oom:  # the failed step's frames (and their GPU tensors) are gone by now
+            self._b._release_memory()
+        return {}
+
+
+class _DynamicRun:
+    """One job on the dynamic generator: each step is one or more `iterate()` calls,
+    up to the next tokens it streams for the job."""
+
+    def __init__(self, backend: ExLlamaV2Backend, job: GenerationJob) -> None:
+        assert backend._dynamic is not None
+        self._b = backend
+        self._job = job
+        self._api = api = backend._dynamic
+        self._prompt, self.max_tokens = backend._fit(job, api.num_draft_tokens)
+        if backend._generator is None:
+            backend._generator = api.make_generator()
+        self._gen = backend._generator
+        if not job.reuse_cache:
+            backend.reset_cache()
+        self.prompt_tokens = len(self._prompt)
+        self.reused_tokens = 0  # known once the generator streams (see close)
+        self.prefilled_tokens = 0
+        self.end_reason = ""
+        self._djob: Any = None
+        self._streaming = False
+        self._ended = False
+        self._oom = False
+
+    def prefill(self) -> list[int] | None:
+        # The generator ends n-gram jobs `num_draft_tokens` early: ask for more; the
+        # decode loop stops at max_tokens.
+        stop_ids = sorted(self._job.stop_ids)
+        self._djob = self._api.make_job(
+            self._prompt, self.max_tokens + self._api.num_draft_tokens, stop_ids
+        )
+        self._gen.enqueue(self._djob)
+        return self.step()
+
+    def step(self) -> list[int] | None:
+        while not self._ended:
+            if self._job.should_stop():
+                return None
+            ids: list[int] = []
+            for r in self._gen.iterate():
+                if r.get("job") is not self._djob or r.get("stage") != "streaming":
+                    continue
+                if not self._streaming:
+                    self._streaming = True
+                    self.reused_tokens = int(getattr(self._djob, "cached_tokens", 0))
+                    self.prefilled_tokens = self.prompt_tokens - self.reused_tokens
+                if r.get("token_ids") is not None:
+                    ids += [int(t) for t in r["token_ids"].flatten().tolist()]
+                held = r.get("held") or {}
+                if r.get("eos"):
+                    if held.get("token_ids") is not None:
+                        ids += [int(t) for t in held["token_ids"].flatten().tolist()]
+                    self._ended = True
+                    eos = r.get("eos_reason")
+                    self.end_reason = "max_tokens" if eos == "max_new_tokens" else "eos"
+            if ids:
+                return ids
+        return []
+
+    def failed(self, error: BaseException) -> BaseException | None:
+        oom = self._b._recover(self.prompt_tokens, error)
+        self._oom = oom is not None
+        return oom
+
+    def close(self) -> dict[str, Any]:
+        if self._djob is not None and self._gen is self._b._generator and not self._ended:
+            with contextlib.suppress(Exception):
+                self._gen.cancel(self._djob)  # keeps what was cached (unpaged: page backup)
+        if self._oom:
+            self._b._release_memory()
+        if not self._streaming:
+            return {}
+        return {"reused_tokens": self.reused_tokens, "prefilled_tokens": self.prefilled_tokens}
 
 
 # --- loading ----------------------------------------------------------------------
