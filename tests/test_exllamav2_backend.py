@@ -516,6 +516,32 @@ def test_out_of_memory_during_prefill_is_reported() -> None:
     assert len(out) == 12
 
 
+def test_out_of_memory_memory_is_released_after_the_failed_frames_are_gone() -> None:
+    import weakref
+
+    class Scratch:
+        pass
+
+    held: list[weakref.ref[Scratch]] = []
+
+    class Failing(FakeExlModel):
+        def forward(self, *a: Any, **kw: Any) -> torch.Tensor | None:
+            if self.calls == 2:
+                scratch = Scratch()  # a GPU buffer the failed forward's frame holds
+                held.append(weakref.ref(scratch))
+                self.calls += 1
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+            return super().forward(*a, **kw)
+
+    backend = make_backend(Failing())
+    seen: list[bool] = []
+    backend._release_memory = lambda: seen.append(held[0]() is None)  # type: ignore[method-assign]
+    with pytest.raises(GpuOutOfMemoryError) as err:
+        run(backend, [1, 2, 3], stop=())
+    assert err.value.__context__ is None  # raised outside the handler
+    assert seen == [True]
+
+
 def test_other_errors_reset_the_cache_and_propagate() -> None:
     class Broken(FakeExlModel):
         def forward(self, *a: Any, **kw: Any) -> torch.Tensor | None:
