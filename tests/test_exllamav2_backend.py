@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import torch
 
+from exlsp.benchmarks.exl2_dynamic import DynamicGeneratorApi, Exl2DynamicBackend
 from exlsp.completion.backends.base import Backend, GenerationJob, ModelInfo, common_prefix_length
 from exlsp.completion.backends.exllamav2_backend import (
-    DynamicGeneratorApi,
     ExLlamaV2Backend,
     ExLlamaV2LoadError,
     GpuOutOfMemoryError,
@@ -165,7 +165,7 @@ def make_backend(
 
 
 def run(
-    backend: ExLlamaV2Backend,
+    backend: ExLlamaV2Backend | Exl2DynamicBackend,
     prompt: Sequence[int],
     *,
     max_tokens: int = 12,
@@ -571,7 +571,7 @@ def test_close_unloads_the_model() -> None:
     assert model.unloaded and closed == [1]
 
 
-# --- the dynamic generator mode -------------------------------------------------
+# --- the dynamic generator (benchmarks/exl2_dynamic.py) ----------------------------
 
 
 class FakeDynamicJob:
@@ -650,7 +650,7 @@ class FakeDynamicGenerator:
 
 def make_dynamic(
     model: FakeExlModel | None = None,
-) -> tuple[ExLlamaV2Backend, FakeDynamicGenerator]:
+) -> tuple[Exl2DynamicBackend, FakeDynamicGenerator]:
     model = model or FakeExlModel()
     cache = FakeCache()
     gens: list[FakeDynamicGenerator] = []
@@ -660,9 +660,7 @@ def make_dynamic(
         return gens[-1]
 
     api = DynamicGeneratorApi(make_generator, FakeDynamicJob)
-    backend = ExLlamaV2Backend(
-        model, cache, FakeTokenizer(), INFO, generation="dynamic", dynamic=api
-    )
+    backend = Exl2DynamicBackend(ExLlamaV2Backend(model, cache, FakeTokenizer(), INFO), api)
     run(backend, [1, 2])  # creates the generator
     return backend, gens[-1]
 
@@ -801,6 +799,15 @@ def test_loader_checks_its_settings(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ExLlamaV2LoadError, match="cacheType"):
         load_exllamav2_backend(ModelConfig(path=str(tmp_path), cacheType="fp8"))
+
+
+def test_the_retired_generation_mode_setting_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setenv("EXLSP_EXLLAMAV2_GENERATION", "dynamic")
+    with pytest.raises(ExLlamaV2LoadError, match=r"benchmarks/exl2_dynamic\.py"):
+        load_exllamav2_backend(ModelConfig(path=str(tmp_path), backend="exllamav2"))
 
 
 def test_seq_len_rounding_and_cache_size() -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from exlsp.benchmarks.exl2_dynamic import Exl2DynamicBackend, dynamic_api
 from exlsp.completion.backends.base import GenerationJob
 from exlsp.completion.backends.exllamav2_backend import (
     ExLlamaV2Backend,
@@ -72,13 +73,11 @@ def exl2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_exl2("qwen2.5-coder", size, out, bits=4.0)
 
 
-def _load(
-    model_dir: Path, *, generation: str | None = None, **overrides: object
-) -> ExLlamaV2Backend:
+def _load(model_dir: Path, **overrides: object) -> ExLlamaV2Backend:
     config = ModelConfig(path=str(model_dir), backend="exllamav2", cacheType="fp16", maxSeqLen=4096)
     for key, value in overrides.items():
         setattr(config, key, value)
-    return load_exllamav2_backend(config, generation=generation)
+    return load_exllamav2_backend(config)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +120,11 @@ def typing_session(tokenizer: Tokenizer, keystrokes: int = 60) -> list[list[int]
 
 
 def generate(
-    b: ExLlamaV2Backend, prompt: list[int], *, reuse: bool = True, max_tokens: int = 16
+    b: ExLlamaV2Backend | Exl2DynamicBackend,
+    prompt: list[int],
+    *,
+    reuse: bool = True,
+    max_tokens: int = 16,
 ) -> tuple[list[int], GenerationJob]:
     job = GenerationJob(
         prompt=prompt, stop_ids=frozenset(), max_tokens=max_tokens, reuse_cache=reuse
@@ -213,7 +216,10 @@ def test_ngram_draft_and_dynamic_mode_agree_with_the_greedy_loop(
 ) -> None:
     prompts = typing_session(fresh_backend.tokenizer, 12)
     for generation, ngram in (("forward", True), ("dynamic", False)):
-        other = _load(exl2_dir, generation=generation, ngramDraft=ngram)
+        loaded = _load(exl2_dir, ngramDraft=ngram)
+        other: ExLlamaV2Backend | Exl2DynamicBackend = loaded
+        if generation == "dynamic":
+            other = Exl2DynamicBackend(loaded, dynamic_api(loaded, ngram))
         try:
             for k, prompt in enumerate(prompts):
                 a, _ = generate(other, prompt)

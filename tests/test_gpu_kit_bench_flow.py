@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 def test_the_benchmark_runs_every_section_and_writes_them_in_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from exlsp.benchmarks import exl2_dynamic
     from exlsp.completion.backends import exllamav2_backend
     from exlsp.completion.backends.transformers_backend import TransformersBackend
 
@@ -37,6 +38,7 @@ def test_the_benchmark_runs_every_section_and_writes_them_in_order(
         return real_lsp_replay(hf_dir, "transformers", keystrokes, **kw)
 
     monkeypatch.setattr(exllamav2_backend, "load_exllamav2_backend", fake_load)
+    monkeypatch.setattr(exl2_dynamic, "load_exl2_dynamic", fake_load)
     monkeypatch.setattr(gpu_bench, "lsp_replay", lsp_on_cpu)
     monkeypatch.setattr(gpu_bench, "HF_DEVICE", "cpu")
     monkeypatch.setattr(gpu_bench, "HF_DTYPE", "float32")

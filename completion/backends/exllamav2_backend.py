@@ -1,39 +1,22 @@
 """The GPU backend: EXL2 weights resident on a CUDA GPU, driven by exllamav2 0.3.2.
 
-Two generation modes share the KV cache contract of the reference backend
-(keep one sequence's cache between jobs, reuse its longest common prefix with
-the new prompt, prefill at least the last prompt token, decode greedily):
+It keeps the KV cache contract of the reference backend (keep one sequence's
+cache between jobs, reuse its longest common prefix with the new prompt, prefill
+at least the last prompt token, decode greedily) with a small loop over
+``model.forward(ids, cache)``, run by `decode()`. The cache is one sequence;
+rewinding it is setting ``cache.current_seq_len`` to the common-prefix length,
+because every attention call reads keys/values ``[0, past_len)`` and writes
+``[past_len, past_len + q_len)`` (for the Q4/Q6/Q8 caches too: their writes
+re-quantize from the aligned block start). ``model.forward`` takes an
+``abort_event`` it checks between layers, so a stale keystroke or the deadline
+stops a long prefill at once; the chunks already done stay in the cache for the
+next job. With ``model.ngramDraft`` a step verifies an n-gram draft taken from
+the prompt in the same forward pass. No ``ExLlamaV2Tokenizer`` (prompts are
+``HfTokenizer`` ids for every backend) and no flash-attn (without it exllamav2
+uses torch SDPA) are needed.
 
-``forward`` (the default) is a small greedy loop over ``model.forward(ids, cache)``.
-The cache is one sequence; rewinding it is setting ``cache.current_seq_len`` to the
-common-prefix length, because every attention call reads keys/values
-``[0, past_len)`` and writes ``[past_len, past_len + q_len)`` (for the Q4/Q6/Q8
-caches too: their writes re-quantize from the aligned block start). Why this over
-the dynamic generator, from reading exllamav2 0.3.2's sources:
-
-- reuse is the same token-level longest common prefix (the unpaged dynamic
-  generator compares the job with its single page up to ``kv_position_revert``),
-  so the generator brings no reuse the loop lacks; its paged mode needs
-  flash-attn and reuses only whole 256-token pages plus one partial page;
-- per token the generator copies the full-vocabulary logits to a pinned float32
-  host buffer, samples on the CPU, decodes text, hashes pages and holds back
-  tokens that end in a partial UTF-8 character (held tokens arrive late, or only
-  in the final result's ``held`` entry); the loop does one on-GPU argmax and one
-  8-byte copy, which matters for a 1.5B model whose decode step is ~2-3 ms;
-- cancellation: ``iterate()`` prefills a whole chunk (up to ``max_input_len``)
-  before it returns, while ``model.forward`` takes an ``abort_event`` it checks
-  between layers, so a stale keystroke or the deadline stops a long prefill at
-  once; the chunks already done stay in the cache for the next job;
-- with n-gram drafting the generator stops ``num_draft_tokens`` short of
-  ``max_new_tokens``, and a failed ``iterate()`` leaves its page table in an
-  unknown state; the loop's only state is ``(current_seq_len, token list)``;
-- it needs no ``ExLlamaV2Tokenizer`` (prompts are ``HfTokenizer`` ids for every
-  backend) and no flash-attn (without it exllamav2 uses torch SDPA).
-
-``dynamic`` drives ``ExLlamaV2DynamicGenerator(paged=False)`` with greedy settings
-and the job's stop ids, kept selectable (``generation="dynamic"`` or the
-``EXLSP_EXLLAMAV2_GENERATION`` environment variable) so that
-``benchmarks/gpu_bench.py`` can measure both on a GPU.
+exllamav2's dynamic generator is measured against this loop by the benchmarks
+only (benchmarks/exl2_dynamic.py says why the runtime does not use it).
 
 On a GPU, reuse is exact up to floating-point rounding: a prompt prefilled in
 one chunk and the same prompt prefilled as cached prefix + new tokens run
@@ -55,7 +38,6 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -71,8 +53,8 @@ EXTENSION_NAME = "exllamav2_ext"
 # the end; a killed build leaves it behind and every later import waits on it forever.
 STALE_LOCK_AGE_S = 300.0
 SEQ_LEN_MULTIPLE = 256  # the dynamic generator's page size; Q caches align to it too
-GENERATION_MODES = ("forward", "dynamic")
-GENERATION_ENV = "EXLSP_EXLLAMAV2_GENERATION"
+# Named the dynamic generator mode, which moved to benchmarks/exl2_dynamic.py.
+RETIRED_GENERATION_ENV = "EXLSP_EXLLAMAV2_GENERATION"
 
 CACHE_CLASSES = {
     "fp16": "ExLlamaV2Cache",
@@ -378,15 +360,6 @@ class NgramDraft:
         return []
 
 
-@dataclass
-class DynamicGeneratorApi:
-    """What the `dynamic` mode needs from exllamav2 (fakes replace it in unit tests)."""
-
-    make_generator: Callable[[], Any]  # -> ExLlamaV2DynamicGenerator(paged=False)
-    make_job: Callable[[list[int], int, list[int]], Any]  # (ids, max_new_tokens, stop ids)
-    num_draft_tokens: int = 0
-
-
 # --- the backend ----------------------------------------------------------------
 
 
@@ -402,31 +375,22 @@ class ExLlamaV2Backend:
         tokenizer: Tokenizer,
         info: ModelInfo,
         *,
-        generation: str = "forward",
         ngram_draft: bool = False,
         ngram: NgramDraft | None = None,
-        dynamic: DynamicGeneratorApi | None = None,
         on_close: Callable[[], None] | None = None,
         cache_factory: Callable[[], Any] | None = None,
     ) -> None:
         import numpy
         import torch
 
-        if generation not in GENERATION_MODES:
-            raise ValueError(f"generation must be one of {GENERATION_MODES}, not {generation!r}")
-        if generation == "dynamic" and dynamic is None:
-            raise ValueError("generation='dynamic' needs the dynamic generator api")
         self._torch = torch
         self._np = numpy
         self.model = model
         self.cache = cache
         self.tokenizer = tokenizer
         self.info = info
-        self.generation = generation
         self.ngram_draft = ngram_draft
         self._ngram = (ngram or NgramDraft()) if ngram_draft else None
-        self._dynamic = dynamic
-        self._generator: Any = None
         self._on_close = on_close
         self._cached: list[int] = []  # tokens whose K/V are in the cache, in order
         # Background work (hover, code actions) gets a cache of its own, made at its
@@ -450,20 +414,18 @@ class ExLlamaV2Backend:
         self._cached = []
         if self.cache is not None:
             self.cache.current_seq_len = 0
-        if self._generator is not None:
-            self._generator.reset_page_table()
 
     def _keep(self, n: int) -> None:
         del self._cached[n:]
         self.cache.current_seq_len = n
 
     def _use_slot(self, slot: str) -> None:
-        """Switch to `slot`'s cache (forward mode), making it at its first use.
+        """Switch to `slot`'s cache, making it at its first use.
 
-        Where a second cache cannot be had (no factory, the dynamic generator, or
-        no GPU memory for it), every slot shares the one cache, as before.
+        Where a second cache cannot be had (no factory, or no GPU memory for it),
+        every slot shares the one cache, as before.
         """
-        if slot == self._slot or self.generation != "forward":
+        if slot == self._slot:
             return
         if slot not in self._parked:
             if self._cache_factory is None:
@@ -506,7 +468,6 @@ class ExLlamaV2Backend:
     def _recover(self, prompt_tokens: int, error: BaseException) -> GpuOutOfMemoryError | None:
         """Reset after a failed step. For an out-of-memory error, the error to raise
         once the original exception (whose frames hold GPU tensors) is released."""
-        self._generator = None  # rebuilt on next use (dynamic mode)
         self.reset_cache()
         if not is_out_of_memory(error):
             return None
@@ -523,9 +484,7 @@ class ExLlamaV2Backend:
 
     # -- generation ----------------------------------------------------------
 
-    def start(self, job: GenerationJob) -> _ForwardRun | _DynamicRun:
-        if self.generation == "dynamic":
-            return _DynamicRun(self, job)
+    def start(self, job: GenerationJob) -> _ForwardRun:
         reserve = self._ngram.max_tokens if self._ngram else 0
         self._use_slot(job.slot)
         prompt, max_tokens = self._fit(job, reserve)
@@ -549,7 +508,6 @@ class ExLlamaV2Backend:
         return prompt, max_tokens
 
     def close(self) -> None:
-        self._generator = None
         self._cached = []
         self._parked.clear()
         if self.model is not None:
@@ -649,81 +607,6 @@ class _ForwardRun:
         return {}
 
 
-class _DynamicRun:
-    """One job on the dynamic generator: each step is one or more `iterate()` calls,
-    up to the next tokens it streams for the job."""
-
-    def __init__(self, backend: ExLlamaV2Backend, job: GenerationJob) -> None:
-        assert backend._dynamic is not None
-        self._b = backend
-        self._job = job
-        self._api = api = backend._dynamic
-        self._prompt, self.max_tokens = backend._fit(job, api.num_draft_tokens)
-        if backend._generator is None:
-            backend._generator = api.make_generator()
-        self._gen = backend._generator
-        if not job.reuse_cache:
-            backend.reset_cache()
-        self.prompt_tokens = len(self._prompt)
-        self.reused_tokens = 0  # known once the generator streams (see close)
-        self.prefilled_tokens = 0
-        self.end_reason = ""
-        self._djob: Any = None
-        self._streaming = False
-        self._ended = False
-        self._oom = False
-
-    def prefill(self) -> list[int] | None:
-        # The generator ends n-gram jobs `num_draft_tokens` early: ask for more; the
-        # decode loop stops at max_tokens.
-        stop_ids = sorted(self._job.stop_ids)
-        self._djob = self._api.make_job(
-            self._prompt, self.max_tokens + self._api.num_draft_tokens, stop_ids
-        )
-        self._gen.enqueue(self._djob)
-        return self.step()
-
-    def step(self) -> list[int] | None:
-        while not self._ended:
-            if self._job.should_stop():
-                return None
-            ids: list[int] = []
-            for r in self._gen.iterate():
-                if r.get("job") is not self._djob or r.get("stage") != "streaming":
-                    continue
-                if not self._streaming:
-                    self._streaming = True
-                    self.reused_tokens = int(getattr(self._djob, "cached_tokens", 0))
-                    self.prefilled_tokens = self.prompt_tokens - self.reused_tokens
-                if r.get("token_ids") is not None:
-                    ids += [int(t) for t in r["token_ids"].flatten().tolist()]
-                held = r.get("held") or {}
-                if r.get("eos"):
-                    if held.get("token_ids") is not None:
-                        ids += [int(t) for t in held["token_ids"].flatten().tolist()]
-                    self._ended = True
-                    eos = r.get("eos_reason")
-                    self.end_reason = "max_tokens" if eos == "max_new_tokens" else "eos"
-            if ids:
-                return ids
-        return []
-
-    def failed(self, error: BaseException) -> BaseException | None:
-        oom = self._b._recover(self.prompt_tokens, error)
-        self._oom = oom is not None
-        return oom
-
-    def close(self) -> dict[str, Any]:
-        if self._djob is not None and self._gen is self._b._generator and not self._ended:
-            with contextlib.suppress(Exception):
-                self._gen.cancel(self._djob)  # keeps what was cached (unpaged: page backup)
-        if self._oom:
-            self._b._release_memory()
-        if not self._streaming:
-            return {}
-        return {"reused_tokens": self.reused_tokens, "prefilled_tokens": self.prefilled_tokens}
-
-
 # --- loading ----------------------------------------------------------------------
 
 
@@ -743,7 +626,6 @@ def load_exllamav2_backend(
     config: ModelConfig,
     model_dir: Path | str | None = None,
     *,
-    generation: str | None = None,
     warmup: bool = True,
 ) -> ExLlamaV2Backend:
     """Load an EXL2 model directory onto the GPU(s) with a KV cache of `config.maxSeqLen`."""
@@ -756,9 +638,13 @@ def load_exllamav2_backend(
         raise ExLlamaV2LoadError(
             f"model.cacheType {config.cacheType!r}: use one of {', '.join(CACHE_CLASSES)}"
         )
-    generation = generation or os.environ.get(GENERATION_ENV) or "forward"
-    if generation not in GENERATION_MODES:
-        raise ExLlamaV2LoadError(f"generation mode {generation!r}: use one of {GENERATION_MODES}")
+    retired = os.environ.get(RETIRED_GENERATION_ENV, "forward")
+    if retired not in ("", "forward"):
+        raise ExLlamaV2LoadError(
+            f"{RETIRED_GENERATION_ENV}={retired}: the exllamav2 backend has one generation "
+            "mode (forward); the dynamic generator is a benchmark "
+            f"(benchmarks/exl2_dynamic.py). Unset {RETIRED_GENERATION_ENV}"
+        )
     if config.device == "cpu":
         raise ExLlamaV2LoadError("the exllamav2 backend runs on CUDA GPUs only (model.device=cpu)")
 
@@ -829,17 +715,12 @@ def load_exllamav2_backend(
         device="cuda",
         dtype=f"exl2-{bits}bpw" if bits else "exl2",
     )
-    dynamic = None
-    if generation == "dynamic":
-        dynamic = _dynamic_api(exl, model, cache, exl_config, config.ngramDraft)
     backend = ExLlamaV2Backend(
         model,
         cache,
         tokenizer,
         info,
-        generation=generation,
         ngram_draft=config.ngramDraft,
-        dynamic=dynamic,
         on_close=lambda: _release_cuda(torch),
         # Made after the model is loaded: it lands on the devices of the model's layers.
         cache_factory=lambda: getattr(exl, CACHE_CLASSES[config.cacheType])(
@@ -856,55 +737,13 @@ def load_exllamav2_backend(
         backend.reset_cache()
     log.info(
         "exllamav2: loaded %s on %s in %.1f s (%.2f GiB VRAM, %s cache of %d tokens, "
-        "generation=%s, ngram draft %s)",
+        "ngram draft %s)",
         path,
         gpu,
         time.perf_counter() - t0,
         backend.vram_bytes / 2**30,
         config.cacheType,
         max_seq_len,
-        generation,
         "on" if config.ngramDraft else "off",
     )
     return backend
-
-
-def _dynamic_api(
-    exl: Any, model: Any, cache: Any, exl_config: Any, ngram: bool
-) -> DynamicGeneratorApi:
-    from exllamav2.generator import (
-        ExLlamaV2DynamicGenerator,
-        ExLlamaV2DynamicJob,
-        ExLlamaV2Sampler,
-    )
-
-    tokenizer = exl.ExLlamaV2Tokenizer(exl_config)
-    num_draft = 4 if ngram else 0
-    settings = ExLlamaV2Sampler.Settings.greedy()
-
-    def make_generator() -> Any:
-        # max_batch_size=1: the default sizes a pinned logits buffer for 256 sequences.
-        return ExLlamaV2DynamicGenerator(
-            model,
-            cache,
-            tokenizer,
-            paged=False,
-            max_batch_size=1,
-            use_ngram_draft=ngram,
-            num_draft_tokens=max(num_draft, 1),
-            filter_background_eval=False,
-            max_sampling_threads=1,
-        )
-
-    def make_job(ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> Any:
-        import torch
-
-        return ExLlamaV2DynamicJob(
-            input_ids=torch.tensor([ids], dtype=torch.long),
-            max_new_tokens=max_new_tokens,
-            gen_settings=settings,
-            stop_conditions=stop_ids,
-            decode_special_tokens=True,
-        )
-
-    return DynamicGeneratorApi(make_generator, make_job, num_draft)
