@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from exlsp.completion.backends.base import GenerationJob
-from exlsp.completion.backends.exllamav2_backend import (
+from exlsp.completion.backends.exllamav2 import (
     ExLlamaV2Backend,
     GpuOutOfMemoryError,
     load_exllamav2_backend,

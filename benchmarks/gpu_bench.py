@@ -375,7 +375,7 @@ def bench_size(size: str, args: argparse.Namespace, results: Results) -> None:
     from exlsp.benchmarks import exl2_dynamic
     from exlsp.benchmarks.build_exl2 import build_exl2
     from exlsp.benchmarks.exl2_writer import ensure_exl2_direct
-    from exlsp.completion.backends.exllamav2_backend import load_exllamav2_backend
+    from exlsp.completion.backends.exllamav2 import load_exllamav2_backend
 
     only = set(args.only or SECTIONS)
     models = Path(args.models_dir)

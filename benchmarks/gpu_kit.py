@@ -486,7 +486,7 @@ GPU_ENTRY_MODULES = (
     "exlsp.benchmarks.build_exl2",
     "exlsp.server.__main__",
     "exlsp.server.lsp",
-    "exlsp.completion.backends.exllamav2_backend",
+    "exlsp.completion.backends.exllamav2",
     "exlsp.completion.backends.transformers_backend",
 )
 # Third-party imports the GPU stages can do without (each guarded where it is imported).
@@ -987,7 +987,7 @@ def body_env(out: Path) -> int:
 
 def body_extension(out: Path) -> int:
     """Stage 3: import exllamav2, which JIT-compiles its CUDA extension; timed."""
-    from exlsp.completion.backends.exllamav2_backend import (
+    from exlsp.completion.backends.exllamav2.extension import (
         _lock_holder_alive,
         extension_build_dir,
         import_exllamav2,

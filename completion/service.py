@@ -119,7 +119,7 @@ def create_backend(model: ModelConfig) -> Backend:
 
             return TransformersBackend(model, path)
         if model.backend == "exllamav2":
-            from exlsp.completion.backends.exllamav2_backend import load_exllamav2_backend
+            from exlsp.completion.backends.exllamav2 import load_exllamav2_backend
 
             return load_exllamav2_backend(dataclasses.replace(model, path=str(path)))
         if model.backend == "instant":

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from exlsp.completion.backends.exllamav2_backend import (
+from exlsp.completion.backends.exllamav2 import (
     ExLlamaV2LoadError,
     extension_build_dir,
     find_stale_extension_lock,

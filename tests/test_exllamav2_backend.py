@@ -22,13 +22,12 @@ import torch
 
 from exlsp.benchmarks.exl2_dynamic import DynamicGeneratorApi, Exl2DynamicBackend
 from exlsp.completion.backends.base import Backend, GenerationJob, ModelInfo, common_prefix_length
-from exlsp.completion.backends.exllamav2_backend import (
+from exlsp.completion.backends.exllamav2 import (
     ExLlamaV2Backend,
     ExLlamaV2LoadError,
     GpuOutOfMemoryError,
     NgramDraft,
     StaleExtensionLockError,
-    _lock_holder_alive,
     extension_build_dir,
     find_stale_extension_lock,
     import_exllamav2,
@@ -37,6 +36,7 @@ from exlsp.completion.backends.exllamav2_backend import (
     round_seq_len,
     safetensors_parameter_count,
 )
+from exlsp.completion.backends.exllamav2.extension import _lock_holder_alive
 from exlsp.completion.config import ModelConfig
 from exlsp.completion.decode import decode
 

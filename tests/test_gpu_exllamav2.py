@@ -26,7 +26,7 @@ import torch
 
 from exlsp.benchmarks.exl2_dynamic import Exl2DynamicBackend, dynamic_api
 from exlsp.completion.backends.base import GenerationJob
-from exlsp.completion.backends.exllamav2_backend import (
+from exlsp.completion.backends.exllamav2 import (
     ExLlamaV2Backend,
     ExLlamaV2LoadError,
     GpuOutOfMemoryError,
