@@ -501,7 +501,7 @@ NOT_ON_GPU_PATH = {
     "exlsp.index.retrieve": "imported only with index.enabled (the kit turns it off)",
     "exlsp.index.cli": "`exlsp index` / `exlsp search` are not run by the kit",
     "exlsp.server.doctor": "`exlsp doctor` is not run by the kit",
-    "exlsp.completion.backends.openai_backend": "the openai backend is not run by the kit",
+    "exlsp.completion.backends.openai": "the openai backend is not run by the kit",
     "exlsp.benchmarks.build_gguf": "not run by the kit",
     "exlsp.benchmarks.index_bench": "not run by the kit",
     "exlsp.benchmarks.quality": "not run by the kit",

@@ -95,7 +95,7 @@ def create_backend(model: ModelConfig) -> Backend:
         raise ModelLoadError(f"unknown backend {model.backend!r}; one of {', '.join(BACKENDS)}")
     if model.backend == "openai":
         # A remote server: `path` is only the served model's tokenizer, and optional.
-        from exlsp.completion.backends.openai_backend import (
+        from exlsp.completion.backends.openai import (
             RemoteConfigError,
             load_openai_backend,
         )
