@@ -341,7 +341,7 @@ _ST_NAMES = {"I32": "int32", "I16": "int16", "F16": "float16", "BF16": "bfloat16
 
 def read_tensor_table(model_dir: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{name: (dtype, shape)} over the directory's safetensors headers."""
-    from exlsp.completion.backends.exllamav2_backend import read_safetensors_header
+    from exlsp.completion.backends.exllamav2 import read_safetensors_header
 
     table: dict[str, tuple[str, tuple[int, ...]]] = {}
     for file in sorted(model_dir.glob("*.safetensors")):
@@ -356,7 +356,7 @@ def read_tensor(path: Path, name: str) -> Any:
     """One tensor of a safetensors file as a numpy array (small tensors: group tables)."""
     import numpy as np
 
-    from exlsp.completion.backends.exllamav2_backend import read_safetensors_header
+    from exlsp.completion.backends.exllamav2 import read_safetensors_header
 
     header = read_safetensors_header(path)
     meta = header[name]
@@ -587,7 +587,7 @@ def exllamav2_source_check(model_dir: Path, source: Path) -> list[str]:
 
 
 def read_tensor_table_file(path: Path) -> list[str]:
-    from exlsp.completion.backends.exllamav2_backend import read_safetensors_header
+    from exlsp.completion.backends.exllamav2 import read_safetensors_header
 
     return [n for n in read_safetensors_header(path) if n != "__metadata__"]
 

@@ -10,7 +10,7 @@ c. ... and off (every keystroke prefills the whole prompt), both through the
    backend directly (exact prompt sizes) and through the language server over
    stdio (the typing replay of `benchmarks/latency.py`);
 d. the transformers backend (FP16) on the same GPU and the same prompts;
-plus the backend's `forward` vs `dynamic` generation modes, n-gram drafting on
+plus the backend's loop vs exllamav2's dynamic generator (`exl2_dynamic`), n-gram drafting on
 and off, and cancel latency (during decode and during a long prefill).
 
 Results go to `benchmarks/results/gpu-<name>.json` (GPU, driver, torch and
@@ -372,9 +372,10 @@ def _drop_private(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def bench_size(size: str, args: argparse.Namespace, results: Results) -> None:
+    from exlsp.benchmarks import exl2_dynamic
     from exlsp.benchmarks.build_exl2 import build_exl2
     from exlsp.benchmarks.exl2_writer import ensure_exl2_direct
-    from exlsp.completion.backends.exllamav2_backend import load_exllamav2_backend
+    from exlsp.completion.backends.exllamav2 import load_exllamav2_backend
 
     only = set(args.only or SECTIONS)
     models = Path(args.models_dir)
@@ -475,7 +476,7 @@ def bench_size(size: str, args: argparse.Namespace, results: Results) -> None:
     if "modes" in only:
 
         def dynamic() -> dict[str, Any]:
-            dyn = load_exllamav2_backend(config, generation="dynamic")
+            dyn = exl2_dynamic.load_exl2_dynamic(config)
             try:
                 r = replay(dyn, prompts, reuse=True)
                 r["throughput"] = backend_throughput(dyn, long_prompt)

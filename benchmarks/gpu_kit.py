@@ -486,7 +486,7 @@ GPU_ENTRY_MODULES = (
     "exlsp.benchmarks.build_exl2",
     "exlsp.server.__main__",
     "exlsp.server.lsp",
-    "exlsp.completion.backends.exllamav2_backend",
+    "exlsp.completion.backends.exllamav2",
     "exlsp.completion.backends.transformers_backend",
 )
 # Third-party imports the GPU stages can do without (each guarded where it is imported).
@@ -501,7 +501,7 @@ NOT_ON_GPU_PATH = {
     "exlsp.index.retrieve": "imported only with index.enabled (the kit turns it off)",
     "exlsp.index.cli": "`exlsp index` / `exlsp search` are not run by the kit",
     "exlsp.server.doctor": "`exlsp doctor` is not run by the kit",
-    "exlsp.completion.backends.openai_backend": "the openai backend is not run by the kit",
+    "exlsp.completion.backends.openai": "the openai backend is not run by the kit",
     "exlsp.benchmarks.build_gguf": "not run by the kit",
     "exlsp.benchmarks.index_bench": "not run by the kit",
     "exlsp.benchmarks.quality": "not run by the kit",
@@ -987,7 +987,7 @@ def body_env(out: Path) -> int:
 
 def body_extension(out: Path) -> int:
     """Stage 3: import exllamav2, which JIT-compiles its CUDA extension; timed."""
-    from exlsp.completion.backends.exllamav2_backend import (
+    from exlsp.completion.backends.exllamav2.extension import (
         _lock_holder_alive,
         extension_build_dir,
         import_exllamav2,

@@ -82,7 +82,7 @@ class CatalogueModel:
 
     def kv_cache_bytes(self, tokens: int, cache_type: str) -> int:
         # One formula for the catalogue and the exllamav2 backend's own out-of-memory report.
-        from exlsp.completion.backends.exllamav2_backend import kv_cache_bytes
+        from exlsp.completion.backends.exllamav2 import kv_cache_bytes
 
         if cache_type == "fp32":
             return 2 * kv_cache_bytes(self.config(), tokens, "fp16")

@@ -95,7 +95,7 @@ def create_backend(model: ModelConfig) -> Backend:
         raise ModelLoadError(f"unknown backend {model.backend!r}; one of {', '.join(BACKENDS)}")
     if model.backend == "openai":
         # A remote server: `path` is only the served model's tokenizer, and optional.
-        from exlsp.completion.backends.openai_backend import (
+        from exlsp.completion.backends.openai import (
             RemoteConfigError,
             load_openai_backend,
         )
@@ -119,7 +119,7 @@ def create_backend(model: ModelConfig) -> Backend:
 
             return TransformersBackend(model, path)
         if model.backend == "exllamav2":
-            from exlsp.completion.backends.exllamav2_backend import load_exllamav2_backend
+            from exlsp.completion.backends.exllamav2 import load_exllamav2_backend
 
             return load_exllamav2_backend(dataclasses.replace(model, path=str(path)))
         if model.backend == "instant":

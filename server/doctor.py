@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from exlsp.completion.backends.exllamav2_backend import (
+from exlsp.completion.backends.exllamav2 import (
     ExLlamaV2LoadError,
     extension_build_dir,
     find_stale_extension_lock,
@@ -315,7 +315,7 @@ def _load_rows(report: DoctorReport, model: ModelConfig, path: Path) -> None:
 def _remote_rows(report: DoctorReport, model: ModelConfig, load: bool) -> None:
     """The openai backend: the server, the key's source, the prompt format, one completion."""
     from exlsp.completion.backends.base import GenerationJob
-    from exlsp.completion.backends.openai_backend import (
+    from exlsp.completion.backends.openai import (
         estimate_note,
         load_openai_backend,
         resolve_api_key,

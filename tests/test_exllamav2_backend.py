@@ -20,15 +20,14 @@ from typing import Any
 import pytest
 import torch
 
+from exlsp.benchmarks.exl2_dynamic import DynamicGeneratorApi, Exl2DynamicBackend
 from exlsp.completion.backends.base import Backend, GenerationJob, ModelInfo, common_prefix_length
-from exlsp.completion.backends.exllamav2_backend import (
-    DynamicGeneratorApi,
+from exlsp.completion.backends.exllamav2 import (
     ExLlamaV2Backend,
     ExLlamaV2LoadError,
     GpuOutOfMemoryError,
     NgramDraft,
     StaleExtensionLockError,
-    _lock_holder_alive,
     extension_build_dir,
     find_stale_extension_lock,
     import_exllamav2,
@@ -37,7 +36,9 @@ from exlsp.completion.backends.exllamav2_backend import (
     round_seq_len,
     safetensors_parameter_count,
 )
+from exlsp.completion.backends.exllamav2.extension import _lock_holder_alive
 from exlsp.completion.config import ModelConfig
+from exlsp.completion.decode import decode
 
 VOCAB = 64
 EOS = 63
@@ -164,7 +165,7 @@ def make_backend(
 
 
 def run(
-    backend: ExLlamaV2Backend,
+    backend: ExLlamaV2Backend | Exl2DynamicBackend,
     prompt: Sequence[int],
     *,
     max_tokens: int = 12,
@@ -179,7 +180,7 @@ def run(
         reuse_cache=reuse,
         deadline=deadline,
     )
-    return list(backend.stream(job)), job
+    return list(decode(backend, job)), job
 
 
 def typing_prompts(steps: int = 50) -> list[list[int]]:
@@ -351,7 +352,7 @@ def test_cancel_stops_before_the_next_forward() -> None:
     job = GenerationJob(prompt=typing_prompts(4)[-1], stop_ids=frozenset(), max_tokens=100)
     got = []
     calls_at_cancel = 0
-    for token in backend.stream(job):
+    for token in decode(backend, job):
         got.append(token)
         if len(got) == 3:
             job.cancel.set()
@@ -369,7 +370,7 @@ def test_cancel_from_another_thread_within_one_step() -> None:
     calls_at_cancel: list[int] = []
 
     def consume() -> None:
-        got.extend(backend.stream(job))
+        got.extend(decode(backend, job))
 
     worker = threading.Thread(target=consume)
     worker.start()
@@ -393,7 +394,7 @@ def test_cancel_during_prefill_aborts_and_keeps_the_finished_chunks() -> None:
             job.cancel.set()
 
     model.on_chunk = cancel_after_two_chunks
-    assert list(backend.stream(job)) == []
+    assert list(decode(backend, job)) == []
     assert job.stats.stop_reason == "cancelled"
     assert job.stats.prefilled_tokens == 32
     assert backend._cached == prompt[:32]
@@ -408,7 +409,7 @@ def test_closing_the_stream_keeps_the_cache_consistent() -> None:
     backend = make_backend()
     prompt = typing_prompts(6)[-1]
     job = GenerationJob(prompt=prompt, stop_ids=frozenset(), max_tokens=20)
-    stream = backend.stream(job)
+    stream = decode(backend, job)
     first = [next(stream) for _ in range(4)]
     stream.close()
     assert job.stats.stop_reason == "closed"
@@ -493,7 +494,7 @@ def test_out_of_memory_while_decoding_resets_and_the_next_job_works() -> None:
     job = GenerationJob(prompt=[*prompt, 1], stop_ids=frozenset(), max_tokens=20)
     got: list[int] = []
     with pytest.raises(GpuOutOfMemoryError, match="GPU out of memory while generating"):
-        for token in backend.stream(job):
+        for token in decode(backend, job):
             got.append(token)
     assert len(got) == 3
     assert job.stats.stop_reason == "error"
@@ -515,6 +516,32 @@ def test_out_of_memory_during_prefill_is_reported() -> None:
     assert len(out) == 12
 
 
+def test_out_of_memory_memory_is_released_after_the_failed_frames_are_gone() -> None:
+    import weakref
+
+    class Scratch:
+        pass
+
+    held: list[weakref.ref[Scratch]] = []
+
+    class Failing(FakeExlModel):
+        def forward(self, *a: Any, **kw: Any) -> torch.Tensor | None:
+            if self.calls == 2:
+                scratch = Scratch()  # a GPU buffer the failed forward's frame holds
+                held.append(weakref.ref(scratch))
+                self.calls += 1
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+            return super().forward(*a, **kw)
+
+    backend = make_backend(Failing())
+    seen: list[bool] = []
+    backend._release_memory = lambda: seen.append(held[0]() is None)  # type: ignore[method-assign]
+    with pytest.raises(GpuOutOfMemoryError) as err:
+        run(backend, [1, 2, 3], stop=())
+    assert err.value.__context__ is None  # raised outside the handler
+    assert seen == [True]
+
+
 def test_other_errors_reset_the_cache_and_propagate() -> None:
     class Broken(FakeExlModel):
         def forward(self, *a: Any, **kw: Any) -> torch.Tensor | None:
@@ -526,7 +553,7 @@ def test_other_errors_reset_the_cache_and_propagate() -> None:
     backend = make_backend(Broken())
     job = GenerationJob(prompt=[1, 2, 3], stop_ids=frozenset(), max_tokens=5)
     with pytest.raises(ValueError, match="kernel failed"):
-        list(backend.stream(job))
+        list(decode(backend, job))
     assert job.stats.stop_reason == "error"
     assert backend.cache.current_seq_len == 0
 
@@ -544,7 +571,7 @@ def test_close_unloads_the_model() -> None:
     assert model.unloaded and closed == [1]
 
 
-# --- the dynamic generator mode -------------------------------------------------
+# --- the dynamic generator (benchmarks/exl2_dynamic.py) ----------------------------
 
 
 class FakeDynamicJob:
@@ -623,7 +650,7 @@ class FakeDynamicGenerator:
 
 def make_dynamic(
     model: FakeExlModel | None = None,
-) -> tuple[ExLlamaV2Backend, FakeDynamicGenerator]:
+) -> tuple[Exl2DynamicBackend, FakeDynamicGenerator]:
     model = model or FakeExlModel()
     cache = FakeCache()
     gens: list[FakeDynamicGenerator] = []
@@ -633,9 +660,7 @@ def make_dynamic(
         return gens[-1]
 
     api = DynamicGeneratorApi(make_generator, FakeDynamicJob)
-    backend = ExLlamaV2Backend(
-        model, cache, FakeTokenizer(), INFO, generation="dynamic", dynamic=api
-    )
+    backend = Exl2DynamicBackend(ExLlamaV2Backend(model, cache, FakeTokenizer(), INFO), api)
     run(backend, [1, 2])  # creates the generator
     return backend, gens[-1]
 
@@ -667,7 +692,7 @@ def test_dynamic_mode_cancel_cancels_the_generator_job() -> None:
     dynamic, gen = make_dynamic()
     job = GenerationJob(prompt=[4, 5, 6], stop_ids=frozenset(), max_tokens=100)
     got = []
-    for token in dynamic.stream(job):
+    for token in decode(dynamic, job):
         got.append(token)
         if len(got) == 2:
             job.cancel.set()
@@ -776,6 +801,15 @@ def test_loader_checks_its_settings(tmp_path: Path) -> None:
         load_exllamav2_backend(ModelConfig(path=str(tmp_path), cacheType="fp8"))
 
 
+def test_the_retired_generation_mode_setting_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setenv("EXLSP_EXLLAMAV2_GENERATION", "dynamic")
+    with pytest.raises(ExLlamaV2LoadError, match=r"benchmarks/exl2_dynamic\.py"):
+        load_exllamav2_backend(ModelConfig(path=str(tmp_path), backend="exllamav2"))
+
+
 def test_seq_len_rounding_and_cache_size() -> None:
     assert round_seq_len(1) == 256
     assert round_seq_len(8192) == 8192
@@ -831,14 +865,14 @@ def test_background_jobs_keep_the_completion_cache() -> None:
     prompt = [(i * 7 + 3) % 60 for i in range(200)]
     run(backend, prompt)
     hover = [(i * 5 + 1) % 60 for i in range(150)]
-    hover_out = list(backend.stream(background_job(hover)))
+    hover_out = list(decode(backend, background_job(hover)))
     assert len(made) == 1  # made at the first background job
-    assert hover_out == list(fresh.stream(background_job(hover)))
+    assert hover_out == list(decode(fresh, background_job(hover)))
     out, job = run(backend, [*prompt, 9])
     assert job.stats.reused_tokens == len(prompt)  # the completion cache survived the hover
     assert out == run(fresh, [*prompt, 9], reuse=False)[0]
     again = background_job([*hover, 11])
-    list(backend.stream(again))
+    list(decode(backend, again))
     assert again.stats.reused_tokens == len(hover)  # and the background cache its own
     assert len(made) == 1
 
@@ -855,8 +889,8 @@ def test_without_memory_for_a_second_cache_background_work_shares_the_one() -> N
     prompt = [(i * 7 + 3) % 60 for i in range(100)]
     run(backend, prompt)
     hover = background_job([(i * 5 + 1) % 60 for i in range(50)])
-    assert list(backend.stream(hover))  # served, on the shared cache
+    assert list(decode(backend, hover))  # served, on the shared cache
     _, job = run(backend, [*prompt, 9])
     assert job.stats.reused_tokens == 0  # the hover displaced the completion's prompt
-    list(backend.stream(background_job([1, 2, 3])))
+    list(decode(backend, background_job([1, 2, 3])))
     assert tries == 1  # no second try at the allocation

@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from exlsp.benchmarks.exl2_dynamic import Exl2DynamicBackend, dynamic_api
 from exlsp.completion.backends.base import GenerationJob
-from exlsp.completion.backends.exllamav2_backend import (
+from exlsp.completion.backends.exllamav2 import (
     ExLlamaV2Backend,
     ExLlamaV2LoadError,
     GpuOutOfMemoryError,
@@ -36,6 +37,7 @@ from exlsp.completion.backends.exllamav2_backend import (
     round_seq_len,
 )
 from exlsp.completion.config import ModelConfig
+from exlsp.completion.decode import decode
 from exlsp.completion.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.gpu
@@ -71,13 +73,11 @@ def exl2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_exl2("qwen2.5-coder", size, out, bits=4.0)
 
 
-def _load(
-    model_dir: Path, *, generation: str | None = None, **overrides: object
-) -> ExLlamaV2Backend:
+def _load(model_dir: Path, **overrides: object) -> ExLlamaV2Backend:
     config = ModelConfig(path=str(model_dir), backend="exllamav2", cacheType="fp16", maxSeqLen=4096)
     for key, value in overrides.items():
         setattr(config, key, value)
-    return load_exllamav2_backend(config, generation=generation)
+    return load_exllamav2_backend(config)
 
 
 @pytest.fixture(scope="module")
@@ -120,12 +120,16 @@ def typing_session(tokenizer: Tokenizer, keystrokes: int = 60) -> list[list[int]
 
 
 def generate(
-    b: ExLlamaV2Backend, prompt: list[int], *, reuse: bool = True, max_tokens: int = 16
+    b: ExLlamaV2Backend | Exl2DynamicBackend,
+    prompt: list[int],
+    *,
+    reuse: bool = True,
+    max_tokens: int = 16,
 ) -> tuple[list[int], GenerationJob]:
     job = GenerationJob(
         prompt=prompt, stop_ids=frozenset(), max_tokens=max_tokens, reuse_cache=reuse
     )
-    return list(b.stream(job)), job
+    return list(decode(b, job)), job
 
 
 def margin(b: ExLlamaV2Backend, ids: list[int], a: int, c: int) -> float:
@@ -166,7 +170,7 @@ def test_cancel_mid_generation_and_continue(backend: ExLlamaV2Backend) -> None:
     prompt = typing_session(backend.tokenizer, 5)[-1]
     job = GenerationJob(prompt=prompt, stop_ids=frozenset(), max_tokens=500)
     got = []
-    for token in backend.stream(job):
+    for token in decode(backend, job):
         got.append(token)
         if len(got) == 5:
             job.cancel.set()
@@ -182,7 +186,7 @@ def test_cancel_from_another_thread_stops_a_long_prefill(backend: ExLlamaV2Backe
     ids = tok.encode(inspect.getsource(textwrap))[:3500]
     job = GenerationJob(prompt=ids, stop_ids=frozenset(), max_tokens=100, reuse_cache=False)
     result: list[int] = []
-    worker = threading.Thread(target=lambda: result.extend(backend.stream(job)))
+    worker = threading.Thread(target=lambda: result.extend(decode(backend, job)))
     t0 = time.perf_counter()
     worker.start()
     job.cancel.set()
@@ -212,7 +216,10 @@ def test_ngram_draft_and_dynamic_mode_agree_with_the_greedy_loop(
 ) -> None:
     prompts = typing_session(fresh_backend.tokenizer, 12)
     for generation, ngram in (("forward", True), ("dynamic", False)):
-        other = _load(exl2_dir, generation=generation, ngramDraft=ngram)
+        loaded = _load(exl2_dir, ngramDraft=ngram)
+        other: ExLlamaV2Backend | Exl2DynamicBackend = loaded
+        if generation == "dynamic":
+            other = Exl2DynamicBackend(loaded, dynamic_api(loaded, ngram))
         try:
             for k, prompt in enumerate(prompts):
                 a, _ = generate(other, prompt)

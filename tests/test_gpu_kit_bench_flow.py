@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 def test_the_benchmark_runs_every_section_and_writes_them_in_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from exlsp.completion.backends import exllamav2_backend
+    from exlsp.benchmarks import exl2_dynamic
+    from exlsp.completion.backends import exllamav2
     from exlsp.completion.backends.transformers_backend import TransformersBackend
 
     models = tmp_path / "models"
@@ -36,7 +37,8 @@ def test_the_benchmark_runs_every_section_and_writes_them_in_order(
     def lsp_on_cpu(model_dir: Path, backend: str, keystrokes: int, **kw: Any) -> Any:
         return real_lsp_replay(hf_dir, "transformers", keystrokes, **kw)
 
-    monkeypatch.setattr(exllamav2_backend, "load_exllamav2_backend", fake_load)
+    monkeypatch.setattr(exllamav2, "load_exllamav2_backend", fake_load)
+    monkeypatch.setattr(exl2_dynamic, "load_exl2_dynamic", fake_load)
     monkeypatch.setattr(gpu_bench, "lsp_replay", lsp_on_cpu)
     monkeypatch.setattr(gpu_bench, "HF_DEVICE", "cpu")
     monkeypatch.setattr(gpu_bench, "HF_DTYPE", "float32")

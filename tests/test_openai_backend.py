@@ -21,7 +21,7 @@ from lsprotocol import types
 from pytest_lsp import ClientServerConfig, LanguageClient
 
 from exlsp.completion.backends.base import BackendUnavailable, GenerationJob
-from exlsp.completion.backends.openai_backend import (
+from exlsp.completion.backends.openai import (
     CHARS_PER_TOKEN,
     CharEstimateTokenizer,
     OpenAIBackend,

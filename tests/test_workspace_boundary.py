@@ -144,7 +144,7 @@ def test_api_key_env_names_only_exlsp_variables() -> None:
 
 
 def test_the_backend_never_reads_another_variable() -> None:
-    from exlsp.completion.backends.openai_backend import resolve_api_key
+    from exlsp.completion.backends.openai import resolve_api_key
     from exlsp.completion.config import ModelConfig
 
     assert resolve_api_key(ModelConfig(apiKeyEnv="GITHUB_TOKEN")) == ""
