@@ -28,6 +28,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 
+from exlsp.completion import languages
+from exlsp.completion.languages import Language
+
 __all__ = [
     "FILTERS",
     "FINAL_ONLY",
@@ -57,25 +60,6 @@ _AUTO_CLOSED_TAIL = frozenset(")]}\"'`;, \t\r")
 _CLOSING_CHARS = frozenset(")]}\"'`;,")
 
 # --- syntax knowledge: just enough to skip strings and comments -------------
-
-_HASH_COMMENT_LANGUAGES = frozenset(
-    {
-        "python", "ruby", "shellscript", "bash", "sh", "zsh", "perl", "r", "yaml", "toml",
-        "elixir", "makefile", "dockerfile", "powershell", "julia", "nim", "coffeescript",
-    }
-)  # fmt: skip
-_SLASH_COMMENT_LANGUAGES = frozenset(
-    {
-        "c", "cpp", "objective-c", "objective-cpp", "cuda-cpp", "csharp", "java", "kotlin",
-        "scala", "swift", "dart", "go", "rust", "zig", "php", "javascript", "typescript",
-        "javascriptreact", "typescriptreact", "proto", "groovy", "jsonc",
-    }
-)  # fmt: skip
-_BACKTICK_STRING_LANGUAGES = frozenset(
-    {"javascript", "typescript", "javascriptreact", "typescriptreact", "go"}
-)
-# Languages whose blocks open with a bare ``:`` (Python is handled by keyword).
-_COLON_BLOCK_LANGUAGES = frozenset({"", "yaml", "nim", "coffeescript"})
 
 _PY_BLOCK_HEADER = re.compile(
     r"\s*(?:async\s+)?(?:def|class|if|elif|else|for|while|try|except|finally|with|match|case)\b"
@@ -109,46 +93,45 @@ _QUOTE_END = {
 
 @dataclass(frozen=True, slots=True)
 class _Syntax:
-    hash_comments: bool
-    slash_comments: bool
-    backtick_strings: bool
+    """A row of the language table, in the form the scanner reads."""
+
+    language: Language
+    quotes: frozenset[str]
     triple_quotes: bool
-    rust_chars: bool
     code_token: re.Pattern[str]
 
 
-def _syntax_for(language: str) -> _Syntax:
-    hash_comments = language in _HASH_COMMENT_LANGUAGES
-    slash_comments = language in _SLASH_COMMENT_LANGUAGES
-    backticks = language in _BACKTICK_STRING_LANGUAGES
-    chars = "()\\[\\]{}\"'" + ("#" if hash_comments else "") + ("/" if slash_comments else "")
-    chars += "`" if backticks else ""
+def _syntax_for(lang: Language) -> _Syntax:
+    starts = {marker[0] for marker in lang.line_comments}
+    starts |= {opener[0] for opener, _ in lang.block_comments}
+    starts |= {quote[0] for quote in lang.quotes}
     return _Syntax(
-        hash_comments=hash_comments,
-        slash_comments=slash_comments,
-        backtick_strings=backticks,
-        triple_quotes=language == "python",
-        rust_chars=language == "rust",
-        code_token=re.compile(f"[{chars}]"),
+        language=lang,
+        quotes=frozenset(lang.quotes),
+        triple_quotes=any(len(quote) == 3 for quote in lang.quotes),
+        code_token=re.compile("[()\\[\\]{}" + "".join(re.escape(c) for c in sorted(starts)) + "]"),
     )
 
 
 _SYNTAX_CACHE: dict[str, _Syntax] = {}
 
 
-def _syntax(language: str) -> _Syntax:
-    syntax = _SYNTAX_CACHE.get(language)
+def _syntax(language_id: str) -> _Syntax:
+    syntax = _SYNTAX_CACHE.get(language_id)
     if syntax is None:
-        syntax = _SYNTAX_CACHE[language] = _syntax_for(language)
+        syntax = _SYNTAX_CACHE[language_id] = _syntax_for(languages.language(language_id))
     return syntax
 
 
 class _ScanState:
-    """Where a bracket scan stands: inside a string, a comment, or code."""
+    """Where a bracket scan stands: inside a string, a comment, or code.
+
+    `block_comment` holds the closer of the block comment the scan is in ("" outside one).
+    """
 
     __slots__ = ("block_comment", "line_comment", "quote")
 
-    def __init__(self, quote: str = "", block_comment: bool = False, line_comment: bool = False):
+    def __init__(self, quote: str = "", block_comment: str = "", line_comment: bool = False):
         self.quote = quote
         self.block_comment = block_comment
         self.line_comment = line_comment
@@ -165,6 +148,7 @@ def _code_brackets(
     Updates `state` as it goes. Stops early where deciding needs characters that
     have not arrived yet (a Rust ``'`` at the end of a streamed text).
     """
+    lang = syntax.language
     n = len(text)
     i = 0
     while i < n:
@@ -176,11 +160,11 @@ def _code_brackets(
             i = j + 1
             continue
         if state.block_comment:
-            j = text.find("*/", i)
+            j = text.find(state.block_comment, i)
             if j < 0:
                 return
-            state.block_comment = False
-            i = j + 2
+            i = j + len(state.block_comment)
+            state.block_comment = ""
             continue
         if state.quote:
             m = _QUOTE_END[state.quote].search(text, i)
@@ -207,20 +191,19 @@ def _code_brackets(
         if ch in "()[]{}":
             yield i, ch
             i += 1
-        elif ch == "#":
+            continue
+        opened = next((pair for pair in lang.block_comments if text.startswith(pair[0], i)), None)
+        if opened is not None:  # before line comments: Lua's "--[[" starts with "--"
+            state.block_comment = opened[1]
+            i += len(opened[0])
+            continue
+        marker = next((mark for mark in lang.line_comments if text.startswith(mark, i)), None)
+        if marker is not None:
             state.line_comment = True
-            i += 1
-        elif ch == "/":
-            following = text[i + 1 : i + 2]
-            if following == "/":
-                state.line_comment = True
-                i += 2
-            elif following == "*":
-                state.block_comment = True
-                i += 2
-            else:
-                i += 1
-        elif ch == "'" and syntax.rust_chars:
+            i += len(marker)
+        elif ch not in syntax.quotes:
+            i += 1  # the start of a marker that is not one ("/" alone, "-" alone)
+        elif ch == "'" and lang.char_literals:
             literal = _RUST_CHAR.match(text, i)
             if literal is not None:
                 i = literal.end()
@@ -257,9 +240,10 @@ def _ends_with_block_opener(line: str, language: str) -> bool:
     if last == "=":
         return not head.endswith(("==", "!=", "<=", ">="))
     if last == ":":
-        if language == "python":
+        blocks = _syntax(language).language.blocks
+        if blocks == "indent":
             return _PY_BLOCK_HEADER.match(head) is not None
-        return _CASE_LABEL.match(head) is not None or language in _COLON_BLOCK_LANGUAGES
+        return _CASE_LABEL.match(head) is not None or blocks == "colon"
     return _WORD_OPENER.search(head) is not None
 
 
@@ -531,7 +515,8 @@ def _classify_block_level_line(stripped: str, complete: bool, language: str) -> 
         return _OTHER
     if word in _CLOSING_WORDS:
         return _CLOSES
-    continuing = _PY_CONTINUING_WORDS if language == "python" else _CONTINUING_WORDS
+    indented = _syntax(language).language.blocks == "indent"
+    continuing = _PY_CONTINUING_WORDS if indented else _CONTINUING_WORDS
     return _CONTINUES if word in continuing else _OTHER
 
 

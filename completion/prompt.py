@@ -18,44 +18,9 @@ from dataclasses import dataclass, field
 
 from exlsp.completion.config import CompletionConfig
 from exlsp.completion.fim import FimTokens
+from exlsp.completion.languages import language
 from exlsp.completion.tokenizer import Tokenizer
 from exlsp.completion.types import DocumentView, Snippet
-
-_LINE_COMMENT = {
-    **dict.fromkeys(
-        (
-            "python",
-            "ruby",
-            "shellscript",
-            "bash",
-            "sh",
-            "perl",
-            "r",
-            "yaml",
-            "toml",
-            "dockerfile",
-            "makefile",
-            "cmake",
-            "elixir",
-            "julia",
-            "nim",
-            "powershell",
-            "coffeescript",
-        ),
-        "#",
-    ),
-    **dict.fromkeys(("lua", "sql", "haskell", "elm", "ada", "vhdl"), "--"),
-    **dict.fromkeys(("lisp", "clojure", "scheme", "racket", "elisp", "emacs-lisp"), ";;"),
-    "erlang": "%",
-    "latex": "%",
-    "tex": "%",
-    "matlab": "%",
-    "vim": '"',
-}
-
-
-def line_comment(language: str) -> str:
-    return _LINE_COMMENT.get(language, "//")
 
 
 class TokenCache:
@@ -204,7 +169,7 @@ class PromptBuilder:
                     continue
                 out += ids
             return out + header if out else []
-        comment = line_comment(doc.language)
+        comment = language(doc.language).comment
         header_text = f"{comment} Path: {path}\n"
         header_ids = list(self.segments(header_text))
         for s in snippets:
