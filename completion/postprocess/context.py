@@ -19,6 +19,7 @@ from exlsp.completion.postprocess.scanner import (
     open_above,
     syntax_for,
 )
+from exlsp.completion.types import CursorContext
 
 # How many lines `FilterContext.from_text` keeps on each side of the cursor line.
 CONTEXT_LINES = 20
@@ -192,6 +193,18 @@ class FilterContext:
             lines_before=tuple(head[-CONTEXT_LINES - 1 : -1]),
             language=language,
             multiline=multiline,
+        )
+
+    @classmethod
+    def from_cursor(cls, cursor: CursorContext) -> FilterContext:
+        """The filters' view of a request's cursor."""
+        return cls(
+            line_prefix=cursor.line_prefix,
+            line_suffix=cursor.line_suffix,
+            lines_after=cursor.below,
+            lines_before=cursor.above,
+            language=cursor.language.id,
+            multiline=cursor.multiline,
         )
 
     @cached_property

@@ -26,11 +26,15 @@ _TRIGGERS = {
 _WORD_TAIL = re.compile(r"[\w$]+$")
 
 
-def typed_word(view: DocumentView) -> str:
-    """The identifier characters left of the cursor on its line."""
-    left = line_body(view.lines[view.line])[: view.character] if view.lines else ""
+def word_before(left: str) -> str:
+    """The identifier characters at the end of `left` (the cursor line left of the cursor)."""
     m = _WORD_TAIL.search(left)
     return m.group(0) if m else ""
+
+
+def typed_word(view: DocumentView) -> str:
+    """The identifier characters left of the cursor on its line."""
+    return word_before(line_body(view.lines[view.line])[: view.character] if view.lines else "")
 
 
 def inline_items(
