@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -21,9 +20,6 @@ from exlsp.completion.postprocess.scanner import (
 )
 from exlsp.completion.types import CursorContext
 
-# How many lines `FilterContext.from_text` keeps on each side of the cursor line.
-CONTEXT_LINES = 20
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 # What may follow the cursor on its line and still leave room for a multi-line
 # suggestion: the closers an editor inserts automatically.
 _AUTO_CLOSED_TAIL = frozenset(")]}\"'`;, \t\r")
@@ -169,31 +165,6 @@ class FilterContext:
     language: str = ""
     multiline: bool = True
     text_complete: bool = True
-
-    @classmethod
-    def from_text(
-        cls, text: str, offset: int, language: str = "", multiline: bool | None = None
-    ) -> FilterContext:
-        """The context for a cursor at character `offset` of a document `text`.
-
-        `multiline` None decides it with `decide_multiline`. Lines are split the
-        way LSP counts them (``\\n``, ``\\r\\n``, ``\\r``).
-        """
-        if not 0 <= offset <= len(text):
-            raise ValueError(f"offset {offset} outside a text of {len(text)} characters")
-        head = _LINE_BREAK.split(text[:offset])
-        tail = _LINE_BREAK.split(text[offset:], maxsplit=CONTEXT_LINES + 1)
-        line_prefix, line_suffix = head[-1], tail[0]
-        if multiline is None:
-            multiline = decide_multiline(line_prefix, line_suffix, language)
-        return cls(
-            line_prefix=line_prefix,
-            line_suffix=line_suffix,
-            lines_after=tuple(tail[1 : CONTEXT_LINES + 1]),
-            lines_before=tuple(head[-CONTEXT_LINES - 1 : -1]),
-            language=language,
-            multiline=multiline,
-        )
 
     @classmethod
     def from_cursor(cls, cursor: CursorContext) -> FilterContext:
