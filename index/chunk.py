@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from exlsp.completion import languages
@@ -97,6 +97,21 @@ _C_DEFS = {
     "type_definition": "type",
 }
 
+_JS = DefinitionNodes(
+    "javascript",
+    _JS_DEFS,
+    wrappers=frozenset({"export_statement"}),
+    containers=frozenset({"class_declaration", "class"}),
+)
+_TS = DefinitionNodes(
+    "typescript",
+    _TS_DEFS,
+    wrappers=frozenset({"export_statement"}),
+    containers=frozenset(
+        {"class_declaration", "abstract_class_declaration", "class", "interface_declaration"}
+    ),
+)
+
 _NODES: tuple[DefinitionNodes, ...] = (
     DefinitionNodes(
         "python",
@@ -104,34 +119,10 @@ _NODES: tuple[DefinitionNodes, ...] = (
         wrappers=frozenset({"decorated_definition"}),
         containers=frozenset({"class_definition"}),
     ),
-    DefinitionNodes(
-        "javascript",
-        _JS_DEFS,
-        wrappers=frozenset({"export_statement"}),
-        containers=frozenset({"class_declaration", "class"}),
-    ),
-    DefinitionNodes(
-        "javascriptreact",
-        _JS_DEFS,
-        wrappers=frozenset({"export_statement"}),
-        containers=frozenset({"class_declaration", "class"}),
-    ),
-    DefinitionNodes(
-        "typescript",
-        _TS_DEFS,
-        wrappers=frozenset({"export_statement"}),
-        containers=frozenset(
-            {"class_declaration", "abstract_class_declaration", "class", "interface_declaration"}
-        ),
-    ),
-    DefinitionNodes(
-        "typescriptreact",
-        _TS_DEFS,
-        wrappers=frozenset({"export_statement"}),
-        containers=frozenset(
-            {"class_declaration", "abstract_class_declaration", "class", "interface_declaration"}
-        ),
-    ),
+    _JS,
+    replace(_JS, name="javascriptreact"),  # .jsx and .tsx: the same node types
+    _TS,
+    replace(_TS, name="typescriptreact"),
     DefinitionNodes(
         "go",
         {
