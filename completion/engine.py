@@ -34,10 +34,12 @@ from exlsp.completion.types import (
     CompletionResult,
     CompletionStats,
     ContextSource,
+    CursorContext,
     DocumentView,
     NoContext,
     Snippet,
     Suggestion,
+    line_body,
 )
 from exlsp.completion.worker import BackendWorker, GenerationHandle
 
@@ -45,44 +47,25 @@ log = logging.getLogger(__name__)
 
 PartialCallback = Callable[[str], None]
 
-_FILTER_WINDOW = 20  # lines before/after the cursor the filters look at
-_LEFT_CONTEXT = 2000  # characters of the cursor line the filters look at
 
+def cursor_context(doc: DocumentView, multiline_mode: str = "auto") -> CursorContext:
+    """The request's cursor, cut once; raises `InvalidPosition` for a place outside `doc`.
 
-class InvalidPosition(ValueError):
-    """The request points outside the document."""
-
-
-def _eol_stripped(line: str) -> str:
-    return line.rstrip("\r\n")
+    `multiline_mode`: "always", "never", or "auto" (`decide_multiline` on the cursor line).
+    """
+    decision = {"always": True, "never": False}.get(multiline_mode, decide_multiline)
+    return CursorContext.at(doc, decision)
 
 
 def filter_context(doc: DocumentView, multiline_mode: str = "auto") -> FilterContext:
-    line = _eol_stripped(doc.lines[doc.line]) if doc.line < len(doc.lines) else ""
-    left = line[: doc.character][-_LEFT_CONTEXT:]
-    right = line[doc.character :][:_LEFT_CONTEXT]
-    after = [_eol_stripped(s) for s in doc.lines[doc.line + 1 : doc.line + 1 + _FILTER_WINDOW]]
-    before = [_eol_stripped(s) for s in doc.lines[max(0, doc.line - _FILTER_WINDOW) : doc.line]]
-    if multiline_mode == "always":
-        multiline = True
-    elif multiline_mode == "never":
-        multiline = False
-    else:
-        multiline = decide_multiline(left, right, doc.language)
-    return FilterContext(
-        line_prefix=left,
-        line_suffix=right,
-        lines_after=after,
-        lines_before=before,
-        language=doc.language,
-        multiline=multiline,
-    )
+    """What the filters see of `doc`'s cursor."""
+    return FilterContext.from_cursor(cursor_context(doc, multiline_mode))
 
 
 def accepted_view(doc: DocumentView, text: str) -> DocumentView:
     """`doc` after `text` was inserted at its cursor, the cursor after the insertion."""
     line = doc.lines[doc.line] if doc.line < len(doc.lines) else ""
-    body = _eol_stripped(line)
+    body = line_body(line)
     eol = line[len(body) :] or "\n"
     inserted = text.split("\n")
     new = [body[: doc.character] + inserted[0]]
@@ -105,8 +88,8 @@ def accepted_place(doc: DocumentView, text: str) -> tuple[PlaceKey, str]:
         dataclasses.replace(doc, lines=list(doc.lines[lo : doc.line + 2]), line=doc.line - lo),
         text,
     )
-    left = _eol_stripped(near.lines[near.line])[: near.character][-_LEFT_CONTEXT:]
-    return place_key(near), left
+    cursor = CursorContext.at(near)
+    return place_key(near.uri, cursor), cursor.line_prefix
 
 
 # -- type-ahead ----------------------------------------------------------------
@@ -124,12 +107,10 @@ def _place(uri: str, above: Sequence[str], right: str, below: str) -> PlaceKey:
     return (uri, near, f"{right}\n{below.rstrip()}")
 
 
-def place_key(doc: DocumentView) -> PlaceKey:
+def place_key(uri: str, cursor: CursorContext) -> PlaceKey:
     """The type-ahead place of a request: lines just above, right of the cursor, line below."""
-    above = [_eol_stripped(s) for s in doc.lines[max(0, doc.line - _KEY_LINES_ABOVE) : doc.line]]
-    line = _eol_stripped(doc.lines[doc.line]) if doc.line < len(doc.lines) else ""
-    below = _eol_stripped(doc.lines[doc.line + 1]) if doc.line + 1 < len(doc.lines) else ""
-    return _place(doc.uri, above, line[doc.character :], below)
+    below = cursor.below[0] if cursor.below else ""
+    return _place(uri, cursor.above, cursor.right, below)
 
 
 @dataclass(frozen=True)
@@ -155,27 +136,27 @@ class TypeAheadCache:
             self._places.popitem(last=False)
 
     def put_suggestion(
-        self, doc: DocumentView, left: str, text: str, origin: str = "model"
+        self, uri: str, cursor: CursorContext, text: str, origin: str = "model"
     ) -> None:
-        """`text` suggested at `doc`'s cursor, also kept for after each of its line breaks.
+        """`text` suggested at `cursor`, also kept for after each of its line breaks.
 
         A user who types the suggested lines presses Enter: the next line's request
         then comes from a new place (the typed line is above it), where the rest of
         the suggestion still applies.
         """
-        key = place_key(doc)
+        key = place_key(uri, cursor)
+        left = cursor.line_prefix
         self.put(key, left, text, origin)
         lines = text.split("\n")
         if len(lines) < 2:
             return
-        start = max(0, doc.line - _KEY_LINES_ABOVE)
-        above = [_eol_stripped(s) for s in doc.lines[start : doc.line]] + [left + lines[0]]
+        above = [*cursor.above[-_KEY_LINES_ABOVE:], left + lines[0]]
         right_below = key[2]
         for i in range(1, len(lines)):
             rest = "\n".join(lines[i:])
             if rest.strip():
-                near = _place(doc.uri, above, "", "")[1]
-                self.put((doc.uri, near, right_below), "", rest, origin)
+                near = _place(uri, above, "", "")[1]
+                self.put((uri, near, right_below), "", rest, origin)
             above.append(lines[i])
 
     def get(self, key: PlaceKey, left: str) -> TypeAheadHit | None:
@@ -356,7 +337,7 @@ class StickySnippets:
 @dataclass
 class _Generation:
     key: PlaceKey
-    left: str
+    cursor: CursorContext
     ctx: FilterContext
     handle: GenerationHandle
     task: asyncio.Task[str] | None = None
@@ -365,6 +346,10 @@ class _Generation:
     grace: asyncio.TimerHandle | None = None
     listeners: list[PartialCallback] = field(default_factory=list)
     cut_by: str | None = None  # the filter whose cut stopped the job, if one did
+
+    @property
+    def left(self) -> str:
+        return self.cursor.line_prefix
 
     def cancel(self) -> None:
         self.handle.cancel()
@@ -456,23 +441,20 @@ class CompletionEngine:
     ) -> CompletionResult:
         t0 = time.perf_counter()
         doc = request.document
-        if not 0 <= doc.line < max(1, len(doc.lines)):
-            raise InvalidPosition(f"line {doc.line} is outside the document")
-        if doc.line < len(doc.lines) and doc.character > len(_eol_stripped(doc.lines[doc.line])):
-            raise InvalidPosition(f"character {doc.character} is past the end of line {doc.line}")
+        cursor = cursor_context(doc, self.config.multiline)
         if not doc.lines:
             doc = DocumentView(doc.uri, [""], 0, 0, doc.language, doc.path, doc.version)
 
         self.last_request = doc
-        ctx = filter_context(doc, self.config.multiline)
+        ctx = FilterContext.from_cursor(cursor)
         snippets = await self.snippets.get(doc)
-        prompt = self.builder.build(doc, snippets)
+        prompt = self.builder.build(doc, snippets, cursor)
         self.last_prompt = prompt
-        key = place_key(doc)
-        left = ctx.line_prefix
+        key = place_key(doc.uri, cursor)
+        left = cursor.line_prefix
         stats = CompletionStats(
             prompt_tokens=len(prompt.ids),
-            multiline=ctx.multiline,
+            multiline=cursor.multiline,
             snippet_tokens=prompt.segment_tokens.get("snippets", 0),
             prompt_build_ms=(time.perf_counter() - t0) * 1000,
         )
@@ -480,8 +462,8 @@ class CompletionEngine:
         cached = self.type_ahead.get(key, left)
         if cached is not None:
             stats.source = "prefetch" if cached.origin == "prefetch" else "type-ahead"
-            self._prefetch_after(doc, left, cached.text)
-            return self._finish(stats, t0, cached.text)
+            self._prefetch_after(doc, cursor, cached.text)
+            return self._finish(stats, t0, cached.text, cursor)
 
         running, typed = self._attachable(self._running, key, left)
         prefetched, typed_since_prefetch = self._attachable(self._prefetch, key, left)
@@ -494,7 +476,7 @@ class CompletionEngine:
         else:
             if self._running is not None:
                 self._running.cancel()
-            gen = self._start(key, left, ctx, prompt, t0)
+            gen = self._start(key, cursor, ctx, prompt, t0)
             typed = ""
         raw = await self._wait(gen, on_partial, typed)
         job_stats = gen.handle.job.stats
@@ -512,12 +494,12 @@ class CompletionEngine:
         stats.stop_reason = f"filter:{gen.cut_by}" if gen.cut_by else job_stats.stop_reason
         if not raw.startswith(typed):
             stats.source = "empty"
-            return self._finish(stats, t0, "")
+            return self._finish(stats, t0, "", cursor)
         text = postprocess(raw[len(typed) :], ctx, final=True).text
         if text:
-            self.type_ahead.put_suggestion(doc, left, text)
-            self._prefetch_after(doc, left, text)
-        return self._finish(stats, t0, text)
+            self.type_ahead.put_suggestion(doc.uri, cursor, text)
+            self._prefetch_after(doc, cursor, text)
+        return self._finish(stats, t0, text, cursor)
 
     @staticmethod
     def _attachable(
@@ -533,7 +515,7 @@ class CompletionEngine:
 
     # -- the suggestion after the next accept ----------------------------------------
 
-    def _prefetch_after(self, doc: DocumentView, left: str, text: str) -> None:
+    def _prefetch_after(self, doc: DocumentView, cursor: CursorContext, text: str) -> None:
         """Generate, in the background, the suggestion for the text after accepting `text`.
 
         Accepting then shows the next suggestion from the type-ahead cache, with no
@@ -553,9 +535,12 @@ class CompletionEngine:
         if not self.worker.idle:
             return
         after = accepted_view(doc, text)
-        ctx = filter_context(after, self.config.multiline)
+        after_cursor = cursor_context(after, self.config.multiline)
+        ctx = FilterContext.from_cursor(after_cursor)
         try:
-            prompt = self.prefetch_builder.build(after, self.snippets.current(doc.uri))
+            prompt = self.prefetch_builder.build(
+                after, self.snippets.current(doc.uri), after_cursor
+            )
         except Exception:
             log.debug("prefetch prompt not built", exc_info=True)
             return
@@ -567,13 +552,13 @@ class CompletionEngine:
             deadline=time.monotonic() + self.config.deadlineMs / 1000,
             reuse_cache=self.config.kvReuse,
         )
-        gen = _Generation(key, after_left, ctx, self.worker.submit(job, background=True))
+        gen = _Generation(key, after_cursor, ctx, self.worker.submit(job, background=True))
         gen.task = asyncio.get_running_loop().create_task(self._drive(gen))
-        gen.task.add_done_callback(functools.partial(self._prefetched, gen, after))
+        gen.task.add_done_callback(functools.partial(self._prefetched, gen, after.uri))
         self._prefetch = gen
         self.prefetches += 1
 
-    def _prefetched(self, gen: _Generation, after: DocumentView, task: asyncio.Task[str]) -> None:
+    def _prefetched(self, gen: _Generation, uri: str, task: asyncio.Task[str]) -> None:
         if self._prefetch is gen:
             self._prefetch = None
         if task.cancelled() or task.exception() is not None:
@@ -582,21 +567,28 @@ class CompletionEngine:
             return
         text = postprocess(task.result(), gen.ctx, final=True).text
         if text and gen.handle.job.stats.stop_reason != "cancelled":
-            self.type_ahead.put_suggestion(after, gen.left, text, origin="prefetch")
+            self.type_ahead.put_suggestion(uri, gen.cursor, text, origin="prefetch")
 
     @property
     def prefetch_task(self) -> asyncio.Task[str] | None:
         """The prefetch under way, if any (for tests and benchmarks)."""
         return self._prefetch.task if self._prefetch is not None else None
 
-    def _finish(self, stats: CompletionStats, t0: float, text: str) -> CompletionResult:
+    def _finish(
+        self, stats: CompletionStats, t0: float, text: str, cursor: CursorContext
+    ) -> CompletionResult:
         stats.total_ms = (time.perf_counter() - t0) * 1000
         self.last_stats = stats
         log.debug("completion %s", stats)
-        return CompletionResult([Suggestion(text)] if text else [], stats)
+        return CompletionResult([Suggestion(text)] if text else [], stats, cursor=cursor)
 
     def _start(
-        self, key: PlaceKey, left: str, ctx: FilterContext, prompt: BuiltPrompt, t0: float
+        self,
+        key: PlaceKey,
+        cursor: CursorContext,
+        ctx: FilterContext,
+        prompt: BuiltPrompt,
+        t0: float,
     ) -> _Generation:
         max_tokens = self.config.maxTokens if ctx.multiline else self.config.maxTokensSingleLine
         job = GenerationJob(
@@ -606,7 +598,7 @@ class CompletionEngine:
             deadline=time.monotonic() + self.config.deadlineMs / 1000 - (time.perf_counter() - t0),
             reuse_cache=self.config.kvReuse,
         )
-        gen = _Generation(key, left, ctx, self.worker.submit(job))
+        gen = _Generation(key, cursor, ctx, self.worker.submit(job))
         gen.task = asyncio.get_running_loop().create_task(self._drive(gen))
         self._running = gen
         return gen

@@ -18,44 +18,9 @@ from dataclasses import dataclass, field
 
 from exlsp.completion.config import CompletionConfig
 from exlsp.completion.fim import FimTokens
+from exlsp.completion.languages import language
 from exlsp.completion.tokenizer import Tokenizer
-from exlsp.completion.types import DocumentView, Snippet
-
-_LINE_COMMENT = {
-    **dict.fromkeys(
-        (
-            "python",
-            "ruby",
-            "shellscript",
-            "bash",
-            "sh",
-            "perl",
-            "r",
-            "yaml",
-            "toml",
-            "dockerfile",
-            "makefile",
-            "cmake",
-            "elixir",
-            "julia",
-            "nim",
-            "powershell",
-            "coffeescript",
-        ),
-        "#",
-    ),
-    **dict.fromkeys(("lua", "sql", "haskell", "elm", "ada", "vhdl"), "--"),
-    **dict.fromkeys(("lisp", "clojure", "scheme", "racket", "elisp", "emacs-lisp"), ";;"),
-    "erlang": "%",
-    "latex": "%",
-    "tex": "%",
-    "matlab": "%",
-    "vim": '"',
-}
-
-
-def line_comment(language: str) -> str:
-    return _LINE_COMMENT.get(language, "//")
+from exlsp.completion.types import CursorContext, DocumentView, Snippet
 
 
 class TokenCache:
@@ -90,14 +55,6 @@ class BuiltPrompt:
     middle: str  # the cursor line left of the cursor (possibly cut on the left)
     prefix_start_line: int
     segment_tokens: dict[str, int] = field(default_factory=dict)
-
-
-def _strip_eol(line: str) -> str:
-    if line.endswith("\r\n"):
-        return line[:-2]
-    if line.endswith(("\n", "\r")):
-        return line[:-1]
-    return line
 
 
 # How far the left part of a very long cursor line is cut, in characters: the cut
@@ -204,7 +161,7 @@ class PromptBuilder:
                     continue
                 out += ids
             return out + header if out else []
-        comment = line_comment(doc.language)
+        comment = language(doc.language).comment
         header_text = f"{comment} Path: {path}\n"
         header_ids = list(self.segments(header_text))
         for s in snippets:
@@ -215,11 +172,17 @@ class PromptBuilder:
             out += ids
         return out + header_ids if out else []
 
-    def build(self, doc: DocumentView, snippets: Sequence[Snippet] = ()) -> BuiltPrompt:
-        line = doc.lines[doc.line] if doc.line < len(doc.lines) else ""
-        body = _strip_eol(line)
-        left = body[: doc.character]
-        right = line[doc.character :]  # keeps the line ending: the suffix continues below
+    def build(
+        self,
+        doc: DocumentView,
+        snippets: Sequence[Snippet] = (),
+        cursor: CursorContext | None = None,
+    ) -> BuiltPrompt:
+        """The prompt for `doc`'s cursor; `cursor`: the request's, cut by the engine."""
+        if cursor is None:
+            cursor = CursorContext.at(doc)
+        left = cursor.left
+        right = cursor.right + cursor.ending  # the suffix continues on the lines below
         start = self._prefix_start(doc)
         self._window_start[doc.uri] = start
         self._window_start.move_to_end(doc.uri)

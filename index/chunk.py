@@ -16,11 +16,12 @@ editor does.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from exlsp.completion import languages
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,14 @@ def chunk_id(path: str, start_line: int, text: str) -> str:
 
 
 @dataclass(frozen=True)
-class LanguageSpec:
-    """How to find definitions in one tree-sitter grammar."""
+class DefinitionNodes:
+    """How to find definitions in one language's tree-sitter grammar.
 
-    name: str
-    module: str  # the official per-language wheel
-    function: str  # its function that returns the language pointer
-    extensions: tuple[str, ...]
+    The language's id, extensions and grammar come from the language table
+    (`exlsp.completion.languages`); this is what only the chunker needs.
+    """
+
+    name: str  # the language id
     definitions: dict[str, str]  # node type -> kind
     # Nodes that wrap a definition and belong to it (decorators, `export`, `template<>`).
     wrappers: frozenset[str] = frozenset()
@@ -95,63 +97,42 @@ _C_DEFS = {
     "type_definition": "type",
 }
 
-LANGUAGES: tuple[LanguageSpec, ...] = (
-    LanguageSpec(
+_JS = DefinitionNodes(
+    "javascript",
+    _JS_DEFS,
+    wrappers=frozenset({"export_statement"}),
+    containers=frozenset({"class_declaration", "class"}),
+)
+_TS = DefinitionNodes(
+    "typescript",
+    _TS_DEFS,
+    wrappers=frozenset({"export_statement"}),
+    containers=frozenset(
+        {"class_declaration", "abstract_class_declaration", "class", "interface_declaration"}
+    ),
+)
+
+_NODES: tuple[DefinitionNodes, ...] = (
+    DefinitionNodes(
         "python",
-        "tree_sitter_python",
-        "language",
-        (".py", ".pyi", ".pyw"),
         {"function_definition": "function", "class_definition": "class"},
         wrappers=frozenset({"decorated_definition"}),
         containers=frozenset({"class_definition"}),
     ),
-    LanguageSpec(
-        "javascript",
-        "tree_sitter_javascript",
-        "language",
-        (".js", ".mjs", ".cjs", ".jsx"),
-        _JS_DEFS,
-        wrappers=frozenset({"export_statement"}),
-        containers=frozenset({"class_declaration", "class"}),
-    ),
-    LanguageSpec(
-        "typescript",
-        "tree_sitter_typescript",
-        "language_typescript",
-        (".ts", ".mts", ".cts"),
-        _TS_DEFS,
-        wrappers=frozenset({"export_statement"}),
-        containers=frozenset(
-            {"class_declaration", "abstract_class_declaration", "class", "interface_declaration"}
-        ),
-    ),
-    LanguageSpec(
-        "tsx",
-        "tree_sitter_typescript",
-        "language_tsx",
-        (".tsx",),
-        _TS_DEFS,
-        wrappers=frozenset({"export_statement"}),
-        containers=frozenset(
-            {"class_declaration", "abstract_class_declaration", "class", "interface_declaration"}
-        ),
-    ),
-    LanguageSpec(
+    _JS,
+    replace(_JS, name="javascriptreact"),  # .jsx and .tsx: the same node types
+    _TS,
+    replace(_TS, name="typescriptreact"),
+    DefinitionNodes(
         "go",
-        "tree_sitter_go",
-        "language",
-        (".go",),
         {
             "function_declaration": "function",
             "method_declaration": "method",
             "type_declaration": "type",
         },
     ),
-    LanguageSpec(
+    DefinitionNodes(
         "rust",
-        "tree_sitter_rust",
-        "language",
-        (".rs",),
         {
             "function_item": "function",
             "function_signature_item": "function",
@@ -167,11 +148,8 @@ LANGUAGES: tuple[LanguageSpec, ...] = (
         containers=frozenset({"impl_item", "trait_item"}),
         comments=frozenset({"line_comment", "block_comment"}),
     ),
-    LanguageSpec(
+    DefinitionNodes(
         "java",
-        "tree_sitter_java",
-        "language",
-        (".java",),
         {
             "class_declaration": "class",
             "interface_declaration": "interface",
@@ -186,18 +164,12 @@ LANGUAGES: tuple[LanguageSpec, ...] = (
         ),
         comments=frozenset({"line_comment", "block_comment"}),
     ),
-    LanguageSpec(
+    DefinitionNodes(
         "c",
-        "tree_sitter_c",
-        "language",
-        (".c", ".h"),
         _C_DEFS,
     ),
-    LanguageSpec(
+    DefinitionNodes(
         "cpp",
-        "tree_sitter_cpp",
-        "language",
-        (".cc", ".cpp", ".cxx", ".c++", ".hh", ".hpp", ".hxx", ".h++", ".ipp", ".tpp"),
         {
             **_C_DEFS,
             "class_specifier": "class",
@@ -208,19 +180,13 @@ LANGUAGES: tuple[LanguageSpec, ...] = (
     ),
 )
 
-_BY_EXTENSION: dict[str, LanguageSpec] = {
-    ext: spec for spec in LANGUAGES for ext in spec.extensions
-}
-_BY_NAME: dict[str, LanguageSpec] = {spec.name: spec for spec in LANGUAGES}
+_BY_NAME: dict[str, DefinitionNodes] = {spec.name: spec for spec in _NODES}
 
 
 def language_for_path(path: str) -> str:
-    """The chunker's language name for a path ("" when no grammar applies)."""
-    dot = path.rfind(".")
-    if dot < 0 or "/" in path[dot:]:
-        return ""
-    spec = _BY_EXTENSION.get(path[dot:].lower())
-    return spec.name if spec else ""
+    """The language id of a path when the chunker finds definitions in it, else ""."""
+    lang = languages.language_for_path(path)
+    return lang.id if lang is not None and lang.id in _BY_NAME else ""
 
 
 def _end_row(node: Any) -> int:
@@ -266,7 +232,7 @@ _FUNCTION_VALUES = frozenset(
 )
 
 
-def _name(node: Any, spec: LanguageSpec) -> str | None:
+def _name(node: Any, spec: DefinitionNodes) -> str | None:
     """The definition's name; None when the node is not a definition after all."""
     t = node.type
     if t in {"lexical_declaration", "variable_declaration"}:
@@ -407,15 +373,16 @@ class Chunker:
             return self._parsers[language]
         if language in self._failed:
             return None
-        spec = _BY_NAME[language]
+        grammar = languages.tree_sitter_language(language)
+        if grammar is None:  # a missing grammar degrades to line windows
+            self._failed.add(language)
+            return None
         try:
             import tree_sitter
 
-            module = importlib.import_module(spec.module)
-            loader: Callable[[], object] = getattr(module, spec.function)
-            parser = tree_sitter.Parser(tree_sitter.Language(loader()))
-        except Exception as exc:  # a missing grammar degrades to line windows
-            log.warning("no tree-sitter grammar for %s (%s): using line windows", language, exc)
+            parser = tree_sitter.Parser(grammar)
+        except Exception as exc:
+            log.warning("no tree-sitter parser for %s (%s): using line windows", language, exc)
             self._failed.add(language)
             return None
         self._parsers[language] = parser
@@ -447,7 +414,7 @@ class Chunker:
         return unique
 
     def _definitions(
-        self, em: _Emitter, node: Any, spec: LanguageSpec, prefix: str, in_container: bool
+        self, em: _Emitter, node: Any, spec: DefinitionNodes, prefix: str, in_container: bool
     ) -> bool:
         """Emit the definitions found below `node`; True when there was at least one."""
         found = False
@@ -485,7 +452,7 @@ class Chunker:
         em: _Emitter,
         outer: Any,
         node: Any,
-        spec: LanguageSpec,
+        spec: DefinitionNodes,
         kind: str,
         name: str,
         prefix: str,
@@ -528,4 +495,4 @@ def _split_lf(text: str) -> list[str]:
 
 
 def supported_languages() -> Iterable[str]:
-    return [spec.name for spec in LANGUAGES]
+    return [spec.name for spec in _NODES]

@@ -14,35 +14,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from exlsp.completion.languages import EXTENSIONS
 from exlsp.server.config import LOG_FORMAT, Config, level_number, merge
 
 log = logging.getLogger("exlsp")
 
-LANGUAGES = {
-    ".py": "python",
-    ".pyi": "python",
-    ".ts": "typescript",
-    ".tsx": "typescriptreact",
-    ".js": "javascript",
-    ".jsx": "javascriptreact",
-    ".mjs": "javascript",
-    ".go": "go",
-    ".rs": "rust",
-    ".c": "c",
-    ".h": "c",
-    ".cc": "cpp",
-    ".cpp": "cpp",
-    ".hpp": "cpp",
-    ".java": "java",
-    ".rb": "ruby",
-    ".lua": "lua",
-    ".sh": "shellscript",
-    ".cs": "csharp",
-    ".kt": "kotlin",
-    ".swift": "swift",
-    ".php": "php",
-    ".scala": "scala",
-}
+# File extension -> LSP language id, from the one language table.
+LANGUAGES = EXTENSIONS
 
 
 def _version() -> str:
@@ -176,7 +154,7 @@ async def _complete_once(config: Config, path: Path, line: int, col: int) -> dic
             lines=lines,
             line=line - 1,
             character=col - 1,
-            language=LANGUAGES.get(path.suffix, path.suffix.lstrip(".")),
+            language=LANGUAGES.get(path.suffix.lower(), path.suffix.lstrip(".")),
             path=str(path),
         )
         result = await service.complete(CompletionRequest(view, Trigger.INVOKED))

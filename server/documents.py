@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from pygls.uris import to_fs_path
 
+from exlsp.completion.types import line_body
 from exlsp.index.secrets import secret_in_text, secret_path
 
 _BREAK = re.compile(r"\r\n|\r|\n")
@@ -29,15 +30,6 @@ def split_lines(text: str) -> list[str]:
         pos = m.end()
     lines.append(text[pos:])
     return lines
-
-
-def line_body(line: str) -> str:
-    """A line without its ending."""
-    if line.endswith("\r\n"):
-        return line[:-2]
-    if line.endswith(("\n", "\r")):
-        return line[:-1]
-    return line
 
 
 def _units(ch: str, encoding: str) -> int:

@@ -10,13 +10,18 @@ import pytest
 from exlsp.completion.config import CompletionConfig
 from exlsp.completion.engine import (
     CompletionEngine,
-    InvalidPosition,
     accepted_place,
     accepted_view,
     place_key,
 )
 from exlsp.completion.fim import TEMPLATES, FimTokens
-from exlsp.completion.types import CompletionRequest, DocumentView, Snippet
+from exlsp.completion.types import (
+    CompletionRequest,
+    CursorContext,
+    DocumentView,
+    InvalidPosition,
+    Snippet,
+)
 from exlsp.completion.worker import BackendWorker
 from exlsp.server.documents import split_lines
 from tests.fakes import CharTokenizer, ScriptedBackend
@@ -148,6 +153,37 @@ async def test_invalid_positions_are_rejected(make_engine) -> None:  # type: ign
         await engine.complete(req(DOC, 99, 0))
     with pytest.raises(InvalidPosition):
         await engine.complete(req(DOC, 0, 500))
+
+
+async def test_the_cursor_line_is_cut_once_per_request(  # type: ignore[no-untyped-def]
+    make_engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, _ = await make_engine(lambda p: "return a + b\n")
+    cuts: list[CursorContext] = []
+    cut = CursorContext.at.__func__  # type: ignore[attr-defined]
+
+    def counting(cls, doc, multiline=False):  # type: ignore[no-untyped-def]
+        cuts.append(cut(cls, doc, multiline))
+        return cuts[-1]
+
+    monkeypatch.setattr(CursorContext, "at", classmethod(counting))
+    result = await engine.complete(req(DOC, 1, 4))
+    assert [s.text for s in result.suggestions] == ["return a + b"]
+    assert len(cuts) == 1, "the prompt, the filters and type-ahead share the request's cut"
+    assert result.cursor is cuts[0]
+    assert (result.cursor.left, result.cursor.right, result.cursor.ending) == ("    ", "", "\n")
+    assert result.cursor.above == ("def add(a, b):",)
+    assert result.cursor.below == ("", "print(add(1, 2))", "")
+    assert result.cursor.multiline
+
+
+def test_cursor_context_checks_the_position() -> None:
+    doc = req("ab\r\ncd", 1, 2).document
+    cursor = CursorContext.at(doc)
+    assert (cursor.left, cursor.right, cursor.ending, cursor.above) == ("cd", "", "", ("ab",))
+    for line, character in [(2, 0), (-1, 0), (0, 3), (0, -1)]:
+        with pytest.raises(InvalidPosition):
+            CursorContext.at(req("ab\r\ncd", line, character).document)
 
 
 class CountingContext:
@@ -403,9 +439,7 @@ async def test_a_keystroke_preempts_the_prefetch(make_engine) -> None:  # type: 
     assert backend.jobs[1].stats.generated_tokens < 200
     # Nothing half-made was kept for the accepted state.
     accepted = FUNC.replace("    \n", "    return a + b\n", 1)
-    assert (
-        engine.type_ahead.get(place_key(req(accepted, 4, 16).document), "    return a + b") is None
-    )
+    assert engine.type_ahead.get(_key(req(accepted, 4, 16).document), "    return a + b") is None
 
 
 async def test_no_prefetch_when_turned_off(make_engine) -> None:  # type: ignore[no-untyped-def]
@@ -416,6 +450,10 @@ async def test_no_prefetch_when_turned_off(make_engine) -> None:  # type: ignore
     result = await engine.complete(req(accepted, 4, len("    return a + b")))
     assert result.stats.source == "model"
     assert len(backend.jobs) == 2
+
+
+def _key(doc: DocumentView) -> tuple[str, str, str]:
+    return place_key(doc.uri, CursorContext.at(doc))
 
 
 def test_accepted_view_puts_the_cursor_after_the_insertion() -> None:
@@ -435,7 +473,7 @@ def test_the_accepted_place_is_the_place_of_the_accepted_document(text: str, lin
     doc = req(source, line, len(f"line_{line} = f(")).document
     after = accepted_view(doc, text)
     left = after.lines[after.line].rstrip("\n")[: after.character]
-    assert accepted_place(doc, text) == (place_key(after), left)
+    assert accepted_place(doc, text) == (_key(after), left)
 
 
 async def test_a_job_submitted_to_a_closed_worker_ends_at_once() -> None:

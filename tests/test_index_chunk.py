@@ -28,7 +28,9 @@ def test_languages_by_extension() -> None:
         "cpp",
         "",
     }
-    assert language_for_path("x/y.tsx") == "tsx"
+    assert language_for_path("x/y.tsx") == "typescriptreact"
+    assert language_for_path("x/Y.JSX") == "javascriptreact"
+    assert language_for_path("x/y.lua") == "", "a language without definition nodes"
     assert language_for_path("a.b/Makefile") == ""
 
 
@@ -124,3 +126,14 @@ def test_query_terms_put_distinctive_terms_first() -> None:
     terms = query_terms(["return self.loadUserProfile(uid)", "x = 1"], max_terms=5)
     assert terms[:5] == ["load", "user", "profile", "loaduserprofile", "uid"]
     assert "self" in query_terms(["return self"], max_terms=5)  # short queries keep keywords
+
+
+def test_jsx_and_tsx_chunk_with_the_language_table_grammars() -> None:
+    jsx = "export function Button({ label }) {\n  return <button>{label}</button>;\n}\n"
+    chunks = Chunker().chunk("ui/Button.jsx", jsx)
+    assert [(c.language, c.symbol, c.kind) for c in chunks] == [
+        ("javascriptreact", "Button", "function")
+    ]
+    tsx = "export const Card = (p: Props) => <div>{p.title}</div>;\n"
+    chunks = Chunker().chunk("ui/Card.tsx", tsx)
+    assert [(c.language, c.symbol) for c in chunks] == [("typescriptreact", "Card")]

@@ -1,17 +1,18 @@
 """Post-processing filters: golden cases, streaming monotonicity, one unit test per filter.
 
-Golden cases live in ``tests/golden/postprocess/<language>.json``: a list of
-``{"name", "filter", "language", "document", "raw", "expected"}`` objects, and
-optionally ``"multiline": true/false`` to override the decision taken from the
-document. ``document`` holds exactly one ``█`` (U+2588) at the cursor; ``raw``
-is what a model generated there; ``expected`` is ``postprocess(raw).text`` in
-the final pass; ``filter`` names the filter that is first to change the text
-(``"none"``: nothing changes it).
+Golden cases live in ``tests/golden/postprocess/<language>.toml``: a ``language``
+and a list of ``[[case]]`` tables with ``name``, ``filter``, ``document``, ``raw``,
+``expected``, and optionally ``multiline = true/false`` to override the decision
+taken from the document. ``document`` holds exactly one ``█`` (U+2588) at the
+cursor; ``raw`` is what a model generated there; ``expected`` is
+``postprocess(raw).text`` in the final pass; ``filter`` names the filter that is
+first to change the text (``"none"``: nothing changes it). Each case's context is
+built the way the engine builds a request's: `cursor_context` on a `DocumentView`.
 """
 
 from __future__ import annotations
 
-import json
+import tomllib
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from exlsp.completion.engine import cursor_context
 from exlsp.completion.postprocess import (
     FILTERS,
     FINAL_ONLY,
@@ -33,6 +35,8 @@ from exlsp.completion.postprocess import (
     trim_trailing_whitespace,
     unmatched_bracket,
 )
+from exlsp.completion.types import DocumentView
+from exlsp.server.documents import split_lines
 
 CURSOR = "\u2588"
 GOLDEN_DIR = Path(__file__).parent / "golden" / "postprocess"
@@ -41,28 +45,28 @@ FILTER_NAMES = [name for name, _ in FILTERS]
 
 def _load_cases() -> list[tuple[str, dict[str, Any]]]:
     cases = []
-    for path in sorted(GOLDEN_DIR.glob("*.json")):
-        for case in json.loads(path.read_text(encoding="utf-8")):
-            cases.append((f"{path.stem}:{case['name']}", case))
+    for path in sorted(GOLDEN_DIR.glob("*.toml")):
+        golden = tomllib.loads(path.read_text(encoding="utf-8"))
+        for case in golden["case"]:
+            cases.append((f"{path.stem}:{case['name']}", {**case, "language": golden["language"]}))
     return cases
 
 
 CASES = _load_cases()
 
 
-def _context(case: dict[str, Any]) -> FilterContext:
-    document: str = case["document"]
-    assert document.count(CURSOR) == 1, "a document marks exactly one cursor"
-    offset = document.index(CURSOR)
-    return FilterContext.from_text(
-        document.replace(CURSOR, ""), offset, case["language"], case.get("multiline")
-    )
-
-
 def ctx_at(document: str, language: str = "", multiline: bool | None = None) -> FilterContext:
-    return FilterContext.from_text(
-        document.replace(CURSOR, ""), document.index(CURSOR), language, multiline
-    )
+    """The filters' context at the █ of `document`, built as the engine builds a request's."""
+    assert document.count(CURSOR) == 1, "a document marks exactly one cursor"
+    head = split_lines(document[: document.index(CURSOR)])
+    lines = split_lines(document.replace(CURSOR, ""))
+    view = DocumentView("file:///golden", lines, len(head) - 1, len(head[-1]), language)
+    mode = "auto" if multiline is None else "always" if multiline else "never"
+    return FilterContext.from_cursor(cursor_context(view, mode))
+
+
+def _context(case: dict[str, Any]) -> FilterContext:
+    return ctx_at(case["document"], case["language"], case.get("multiline"))
 
 
 # --- golden cases ---------------------------------------------------------------
@@ -106,10 +110,10 @@ def test_golden_case_streams_to_the_same_cut(case: dict[str, Any]) -> None:
 
 
 def test_golden_files_cover_every_filter() -> None:
-    assert len(CASES) >= 36
+    assert len(CASES) >= 67
     per_language = Counter(case["language"] for _, case in CASES)
-    assert set(per_language) == {"python", "typescript", "go", "rust"}
-    assert min(per_language.values()) >= 6
+    assert set(per_language) == {"python", "typescript", "go", "rust", "lua"}
+    assert min(per_language[lang] for lang in ("python", "typescript", "go", "rust")) >= 6
     languages_per_filter: dict[str, set[str]] = {}
     for _, case in CASES:
         assert case["filter"] in {*FILTER_NAMES, "none"}, case["name"]
@@ -152,7 +156,7 @@ def test_decide_multiline(prefix: str, suffix: str, language: str, expected: boo
     assert decide_multiline(prefix, suffix, language) is expected
 
 
-def test_from_text_splits_the_document_around_the_cursor() -> None:
+def test_the_context_splits_the_document_around_the_cursor() -> None:
     lines = [f"line{i}" for i in range(50)]
     document = "\r\n".join(lines[:25]) + "\r\nleft" + CURSOR + "right\r\n" + "\n".join(lines[25:])
     ctx = ctx_at(document, "python")

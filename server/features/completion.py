@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from lsprotocol import types
 
-from exlsp.completion.types import Trigger
-from exlsp.server.documents import line_body, to_units
-from exlsp.server.features.inline import typed_word
+from exlsp.completion.types import CursorContext, Trigger
+from exlsp.server.documents import to_units
+from exlsp.server.features.inline import word_before
 from exlsp.server.lsp import ExlspServer
 
 
@@ -36,10 +36,11 @@ def register(server: ExlspServer) -> None:
         )
         if not result.suggestions:
             return types.CompletionList(is_incomplete=True, items=[])
-        body = line_body(view.lines[view.line])
-        left = body[: view.character]
-        word = typed_word(view)
-        start_units = to_units(body, view.character - len(word), ls.encoding)
+        # The cursor as the engine cut it for this request.
+        cursor = result.cursor or CursorContext.at(view)
+        left = cursor.left
+        word = word_before(left)
+        start_units = to_units(cursor.line, len(left) - len(word), ls.encoding)
         start = types.Position(params.position.line, start_units)
         end = types.Position(params.position.line, params.position.character)
         items = []

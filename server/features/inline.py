@@ -13,7 +13,13 @@ import re
 
 from lsprotocol import types
 
-from exlsp.completion.types import CompletionResult, DocumentView, Suggestion, Trigger
+from exlsp.completion.types import (
+    CompletionResult,
+    CursorContext,
+    DocumentView,
+    Suggestion,
+    Trigger,
+)
 from exlsp.server.documents import line_body, to_units
 from exlsp.server.features.acceptance import ACCEPTED_COMMAND, acceptance
 from exlsp.server.lsp import ExlspServer
@@ -26,11 +32,22 @@ _TRIGGERS = {
 _WORD_TAIL = re.compile(r"[\w$]+$")
 
 
-def typed_word(view: DocumentView) -> str:
-    """The identifier characters left of the cursor on its line."""
-    left = line_body(view.lines[view.line])[: view.character] if view.lines else ""
+def word_before(left: str) -> str:
+    """The identifier characters at the end of `left` (the cursor line left of the cursor)."""
     m = _WORD_TAIL.search(left)
     return m.group(0) if m else ""
+
+
+def _cursor_line(view: DocumentView, cursor: CursorContext | None) -> str:
+    """The cursor line without its ending: the request's cut where there is one."""
+    if cursor is not None:
+        return cursor.line
+    return line_body(view.lines[view.line]) if view.lines else ""
+
+
+def typed_word(view: DocumentView, cursor: CursorContext | None = None) -> str:
+    """The identifier characters left of the cursor on its line."""
+    return word_before(_cursor_line(view, cursor)[: view.character])
 
 
 def inline_items(
@@ -39,14 +56,15 @@ def inline_items(
     suggestions: list[Suggestion],
     encoding: str,
     ids: list[str] | None = None,
+    cursor: CursorContext | None = None,
 ) -> list[types.InlineCompletionItem]:
     """The suggestions as items whose range covers the word typed before the cursor.
 
     An item with an id (from the acceptance statistics) carries the command that
-    reports its acceptance.
+    reports its acceptance. `cursor`: the request's, as the engine cut it.
     """
-    word = typed_word(view)
-    body = line_body(view.lines[view.line]) if view.lines else ""
+    body = _cursor_line(view, cursor)
+    word = word_before(body[: view.character])
     start = types.Position(position.line, to_units(body, view.character - len(word), encoding))
     # The end as the client sent it: the cursor, in its own units.
     end = types.Position(position.line, position.character)
@@ -73,7 +91,9 @@ def register(server: ExlspServer) -> None:
         result = await ls.complete(view, params.position, trigger)
         ids = _count_shown(ls, view, result)
         return types.InlineCompletionList(
-            items=inline_items(view, params.position, result.suggestions, ls.encoding, ids)
+            items=inline_items(
+                view, params.position, result.suggestions, ls.encoding, ids, result.cursor
+            )
         )
 
 
@@ -84,7 +104,7 @@ def _count_shown(ls: ExlspServer, view: DocumentView, result: CompletionResult) 
     if stats is None or service is None or not result.suggestions:
         return []
     model = service.backend.info.path if service.backend else ls.config.model.path
-    word = len(typed_word(view))
+    word = len(typed_word(view, result.cursor))
     return [
         stats.shown(model, view.language, word, len(s.text), result.stats.total_ms)
         for s in result.suggestions
