@@ -33,8 +33,8 @@ from exlsp.completion.assist import (
 )
 from exlsp.completion.assist_syntax import Span, parse
 from exlsp.completion.config import CompletionConfig, EngineConfig, ModelConfig
-from exlsp.completion.engine import TypeAheadCache
 from exlsp.completion.service import CompletionService
+from exlsp.completion.typeahead import TypeAheadCache
 from exlsp.completion.types import CompletionRequest, DocumentView
 
 ROOT = Path(__file__).resolve().parent.parent

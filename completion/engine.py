@@ -15,12 +15,10 @@ For each request, in order:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from exlsp.completion.backends.base import BackendUnavailable, GenerationJob
@@ -28,7 +26,15 @@ from exlsp.completion.config import CompletionConfig
 from exlsp.completion.fim import FimTokens
 from exlsp.completion.postprocess import FilterContext, decide_multiline, postprocess
 from exlsp.completion.prompt import BuiltPrompt, PromptBuilder
+from exlsp.completion.sticky import StickySnippets
 from exlsp.completion.tokenizer import Tokenizer
+from exlsp.completion.typeahead import (
+    PlaceKey,
+    TypeAheadCache,
+    accepted_place,
+    accepted_view,
+    place_key,
+)
 from exlsp.completion.types import (
     CompletionRequest,
     CompletionResult,
@@ -37,9 +43,7 @@ from exlsp.completion.types import (
     CursorContext,
     DocumentView,
     NoContext,
-    Snippet,
     Suggestion,
-    line_body,
 )
 from exlsp.completion.worker import BackendWorker, GenerationHandle
 
@@ -60,275 +64,6 @@ def cursor_context(doc: DocumentView, multiline_mode: str = "auto") -> CursorCon
 def filter_context(doc: DocumentView, multiline_mode: str = "auto") -> FilterContext:
     """What the filters see of `doc`'s cursor."""
     return FilterContext.from_cursor(cursor_context(doc, multiline_mode))
-
-
-def accepted_view(doc: DocumentView, text: str) -> DocumentView:
-    """`doc` after `text` was inserted at its cursor, the cursor after the insertion."""
-    line = doc.lines[doc.line] if doc.line < len(doc.lines) else ""
-    body = line_body(line)
-    eol = line[len(body) :] or "\n"
-    inserted = text.split("\n")
-    new = [body[: doc.character] + inserted[0]]
-    new += inserted[1:]
-    new = [s + eol for s in new[:-1]] + [new[-1] + line[doc.character :]]
-    lines = [*doc.lines[: doc.line], *new, *doc.lines[doc.line + 1 :]]
-    row = doc.line + len(inserted) - 1
-    col = (doc.character if len(inserted) == 1 else 0) + len(inserted[-1])
-    return dataclasses.replace(doc, lines=lines, line=row, character=col)
-
-
-def accepted_place(doc: DocumentView, text: str) -> tuple[PlaceKey, str]:
-    """`place_key` and the cursor line's left text of `accepted_view(doc, text)`.
-
-    From the lines near the cursor only: this runs at every keystroke that types
-    along a suggestion, whatever the file's size.
-    """
-    lo = max(0, doc.line - _KEY_LINES_ABOVE)
-    near = accepted_view(
-        dataclasses.replace(doc, lines=list(doc.lines[lo : doc.line + 2]), line=doc.line - lo),
-        text,
-    )
-    cursor = CursorContext.at(near)
-    return place_key(near.uri, cursor), cursor.line_prefix
-
-
-# -- type-ahead ----------------------------------------------------------------
-
-# A place is the text near the cursor, not the prompt's whole windows: a
-# suggestion stays good after an edit further up, after the window's start
-# moved, and after the cursor went elsewhere and came back.
-PlaceKey = tuple[str, str, str]  # (uri, lines above, rest of the line + the line below)
-_KEY_LINES_ABOVE = 3
-
-
-def _place(uri: str, above: Sequence[str], right: str, below: str) -> PlaceKey:
-    # Trailing blanks: editors strip them on Enter; they do not change what comes next.
-    near = "\n".join(line.rstrip() for line in above[-_KEY_LINES_ABOVE:])
-    return (uri, near, f"{right}\n{below.rstrip()}")
-
-
-def place_key(uri: str, cursor: CursorContext) -> PlaceKey:
-    """The type-ahead place of a request: lines just above, right of the cursor, line below."""
-    below = cursor.below[0] if cursor.below else ""
-    return _place(uri, cursor.above, cursor.right, below)
-
-
-@dataclass(frozen=True)
-class TypeAheadHit:
-    text: str  # the rest of the suggestion, from the cursor
-    origin: str  # "model" or "prefetch": what made the suggestion
-
-
-class TypeAheadCache:
-    """Suggestions by place and by the text left of the cursor on its line."""
-
-    def __init__(self, places: int) -> None:
-        self._places: OrderedDict[PlaceKey, dict[str, tuple[str, str]]] = OrderedDict()
-        self._size = max(1, places)
-
-    def put(self, key: PlaceKey, left: str, text: str, origin: str = "model") -> None:
-        entries = self._places.setdefault(key, {})
-        self._places.move_to_end(key)
-        entries[left] = (text, origin)
-        if len(entries) > 128:
-            entries.pop(next(iter(entries)))
-        if len(self._places) > self._size:
-            self._places.popitem(last=False)
-
-    def put_suggestion(
-        self, uri: str, cursor: CursorContext, text: str, origin: str = "model"
-    ) -> None:
-        """`text` suggested at `cursor`, also kept for after each of its line breaks.
-
-        A user who types the suggested lines presses Enter: the next line's request
-        then comes from a new place (the typed line is above it), where the rest of
-        the suggestion still applies.
-        """
-        key = place_key(uri, cursor)
-        left = cursor.line_prefix
-        self.put(key, left, text, origin)
-        lines = text.split("\n")
-        if len(lines) < 2:
-            return
-        above = [*cursor.above[-_KEY_LINES_ABOVE:], left + lines[0]]
-        right_below = key[2]
-        for i in range(1, len(lines)):
-            rest = "\n".join(lines[i:])
-            if rest.strip():
-                near = _place(uri, above, "", "")[1]
-                self.put((uri, near, right_below), "", rest, origin)
-            above.append(lines[i])
-
-    def get(self, key: PlaceKey, left: str) -> TypeAheadHit | None:
-        """The rest of a cached suggestion the user has been typing, if any."""
-        entries = self._places.get(key)
-        if not entries:
-            return None
-        if left in entries:
-            text, origin = entries[left]
-            return TypeAheadHit(text, origin)
-        best: tuple[int, TypeAheadHit] | None = None
-        for old_left, (text, origin) in entries.items():
-            if len(old_left) < len(left) and left.startswith(old_left):
-                typed = left[len(old_left) :]
-                rest = text[len(typed) :]
-                if (
-                    text.startswith(typed)
-                    and rest.strip()
-                    and (best is None or len(old_left) > best[0])
-                ):
-                    best = (len(old_left), TypeAheadHit(rest, origin))
-        return best[1] if best else None
-
-
-# -- sticky snippets --------------------------------------------------------------
-
-RefreshCallback = Callable[[DocumentView], None]
-
-
-@dataclass
-class _StickyEntry:
-    line: int
-    snippets: list[Snippet]
-    view: DocumentView  # the latest request in this document
-    last_seen: float
-    idle_timer: asyncio.TimerHandle | None = None
-
-
-class StickySnippets:
-    """Snippets per document, changed only when the cursor moves far or while idle.
-
-    A changed snippet invalidates the KV cache of everything after it, so the
-    snippets of a document stay fixed while the user types. They are fetched
-    again when a request lands `snippetRefreshLines` away from where they were
-    fetched (the prompt changes anyway: the request waits for them), and when
-    the editor has been idle for `snippetRefreshIdleMs` (in the background; the
-    new snippets are kept only if no request came meanwhile, and `on_refresh`
-    lets the engine prefill the new prompt before the user types again).
-
-    A fetch runs as a task of its own: a request cancelled while waiting for it
-    (the user typed on) leaves it running, and the next request waits for the
-    same fetch instead of starting another one.
-    """
-
-    def __init__(
-        self,
-        source: ContextSource,
-        config: CompletionConfig,
-        on_refresh: RefreshCallback | None = None,
-    ) -> None:
-        self.source = source
-        self.config = config
-        self.on_refresh = on_refresh
-        self._by_uri: OrderedDict[str, _StickyEntry] = OrderedDict()
-        self._fetching: dict[str, tuple[int, asyncio.Task[list[Snippet]]]] = {}
-        self.refreshes = 0
-
-    async def get(self, doc: DocumentView) -> list[Snippet]:
-        entry = self._by_uri.get(doc.uri)
-        if entry is None or abs(doc.line - entry.line) >= self.config.snippetRefreshLines:
-            snippets = await asyncio.shield(self._fetch(doc))
-            entry = self._store(doc, snippets)
-        entry.view = doc
-        entry.last_seen = time.monotonic()
-        self._by_uri.move_to_end(doc.uri)
-        self._arm_idle(entry)
-        return entry.snippets
-
-    def _fetch(self, doc: DocumentView) -> asyncio.Task[list[Snippet]]:
-        """The fetch for `doc`'s place: the one in flight near it, or a new one."""
-        running = self._fetching.get(doc.uri)
-        if running is not None and abs(running[0] - doc.line) < self.config.snippetRefreshLines:
-            return running[1]
-        # The fetch reads the document on another thread: give it a copy of the lines.
-        view = dataclasses.replace(doc, lines=list(doc.lines))
-        task = asyncio.get_running_loop().create_task(self._query(view))
-        self._fetching[doc.uri] = (doc.line, task)
-        task.add_done_callback(functools.partial(self._fetched, doc.uri))
-        return task
-
-    def _fetched(self, uri: str, task: asyncio.Task[list[Snippet]]) -> None:
-        if self._fetching.get(uri, (0, None))[1] is task:
-            del self._fetching[uri]
-
-    async def _query(self, doc: DocumentView) -> list[Snippet]:
-        self.refreshes += 1
-        try:
-            return list(await self.source.snippets(doc, self.config.snippetTokens * 4))
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("context source failed; continuing without snippets")
-            entry = self._by_uri.get(doc.uri)
-            return entry.snippets if entry else []
-
-    def _store(self, doc: DocumentView, snippets: list[Snippet]) -> _StickyEntry:
-        entry = self._by_uri.get(doc.uri)
-        if entry is None:
-            entry = _StickyEntry(doc.line, snippets, doc, time.monotonic())
-            self._by_uri[doc.uri] = entry
-            while len(self._by_uri) > 64:
-                self._drop(next(iter(self._by_uri)))
-        else:
-            entry.line = doc.line
-            entry.snippets = snippets
-        return entry
-
-    # -- refresh while idle ------------------------------------------------------
-
-    def _arm_idle(self, entry: _StickyEntry) -> None:
-        if entry.idle_timer is not None:
-            entry.idle_timer.cancel()
-        entry.idle_timer = asyncio.get_running_loop().call_later(
-            self.config.snippetRefreshIdleMs / 1000, self._idle, entry.view.uri
-        )
-
-    def _idle(self, uri: str) -> None:
-        entry = self._by_uri.get(uri)
-        if entry is None:
-            return
-        entry.idle_timer = None
-        asked = entry.last_seen
-        task = self._fetch(entry.view)
-
-        def done(t: asyncio.Task[list[Snippet]]) -> None:
-            if t.cancelled() or t.exception() is not None:
-                return
-            current = self._by_uri.get(uri)
-            # A request since the fetch began: the user is typing; keep the prompt stable.
-            if current is not entry or entry.last_seen != asked:
-                return
-            snippets = t.result()
-            if snippets == entry.snippets:
-                return
-            entry.line = entry.view.line
-            entry.snippets = snippets
-            if self.on_refresh is not None:
-                self.on_refresh(entry.view)
-
-        task.add_done_callback(done)
-
-    def current(self, uri: str) -> list[Snippet]:
-        entry = self._by_uri.get(uri)
-        return entry.snippets if entry else []
-
-    def _drop(self, uri: str) -> None:
-        entry = self._by_uri.pop(uri, None)
-        if entry is not None and entry.idle_timer is not None:
-            entry.idle_timer.cancel()
-
-    def forget(self, uri: str) -> None:
-        self._drop(uri)
-        running = self._fetching.pop(uri, None)
-        if running is not None:
-            running[1].cancel()
-
-    def close(self) -> None:
-        for uri in list(self._by_uri):
-            self.forget(uri)
-        for _, task in self._fetching.values():
-            task.cancel()
-        self._fetching.clear()
 
 
 # -- generations ------------------------------------------------------------------

@@ -8,13 +8,9 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from exlsp.completion.config import CompletionConfig
-from exlsp.completion.engine import (
-    CompletionEngine,
-    accepted_place,
-    accepted_view,
-    place_key,
-)
+from exlsp.completion.engine import CompletionEngine
 from exlsp.completion.fim import TEMPLATES, FimTokens
+from exlsp.completion.typeahead import accepted_place, accepted_view, place_key
 from exlsp.completion.types import (
     CompletionRequest,
     CursorContext,
