@@ -26,7 +26,15 @@ def test_wheel_holds_only_the_exlsp_namespace(tmp_path: Path) -> None:
     packages = {n.split("/")[1] for n in names if n.startswith("exlsp/")}
     assert packages == {"server", "completion", "index", "benchmarks"}
     assert "exlsp/__init__.py" not in names  # an implicit namespace package
-    assert "exlsp/server/features/inline.py" in names
+    # Every module of the source folders, however deep (a package left out of
+    # pyproject's list would be missing from installs, not from the checkout).
+    sources = {
+        f"exlsp/{path.relative_to(ROOT).as_posix()}"
+        for folder in ("server", "completion", "index", "benchmarks")
+        for path in (ROOT / folder).rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    assert sources - set(names) == set()
     assert "exlsp/completion/models.json" in names  # the model catalogue, package data
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "exlsp = exlsp.server.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
