@@ -841,3 +841,57 @@ def test_needs_a_gpu(tiny_model: Path, tmp_path: Path) -> None:
     path = _exl3_dir(tiny_model, tmp_path)
     with pytest.raises(ExLlamaV3LoadError, match="needs a CUDA GPU"):
         load_exllamav3_backend(ModelConfig(path=str(path), backend="exllamav3"))
+
+
+# --- exlsp doctor ---------------------------------------------------------------------
+
+
+def _doctor(model: ModelConfig) -> tuple[int, dict[str, str], list[str]]:
+    import io
+
+    from exlsp.server.doctor import run_doctor
+
+    out = io.StringIO()
+    rc = run_doctor(model, out, load=False)
+    lines = out.getvalue().rstrip("\n").splitlines()
+    table = {}
+    for line in lines:
+        if line.startswith("  ") and line[2] != " ":
+            label, _, value = line[2:].partition("  ")
+            table[label.strip()] = value.strip()
+    return rc, table, lines
+
+
+def test_doctor_on_an_exl3_model(tiny_model: Path, tmp_path: Path) -> None:
+    path = _exl3_dir(tiny_model, tmp_path)
+    rc, table, lines = _doctor(
+        ModelConfig(path=str(path), backend="exllamav3", pageCacheRamMiB=256, pageCacheDiskMiB=1024)
+    )
+    assert table["weights"] == "EXL3 4.0 bpw"
+    assert table["prefix reuse"].startswith("to the token")
+    assert table["page tiers"].startswith("pinned RAM 256 MiB, disk 1024 MiB in ")
+    assert "exllamav3" in table
+    if not torch.cuda.is_available():
+        assert rc == 1
+        assert "exllamav3 backend needs a CUDA GPU" in lines[-2]
+
+
+def test_doctor_says_reuse_snaps_to_pages_for_a_hybrid_model(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    path = _exl3_dir(tiny_model, tmp_path, arch="Qwen3NextForCausalLM")
+    _, table, _ = _doctor(ModelConfig(path=str(path), backend="exllamav3"))
+    assert table["prefix reuse"].startswith("snaps to 256-token pages")
+    assert table["page tiers"] == "RAM tier off"
+
+
+def test_doctor_wants_the_right_backend_for_exl3(tiny_model: Path, tmp_path: Path) -> None:
+    path = _exl3_dir(tiny_model, tmp_path)
+    rc, _, lines = _doctor(ModelConfig(path=str(path), backend="transformers"))
+    assert rc == 1
+    assert "EXL3 model needs the exllamav3 backend" in lines[-2]
+    from exlsp.server.doctor import DoctorReport, _exl3_model_rows
+
+    report = DoctorReport()
+    _exl3_model_rows(report, ModelConfig(backend="exllamav3"), {"model_type": "qwen2"})
+    assert report.problem is not None and "EXL3 models only" in report.problem
