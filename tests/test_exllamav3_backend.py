@@ -895,3 +895,26 @@ def test_doctor_wants_the_right_backend_for_exl3(tiny_model: Path, tmp_path: Pat
     report = DoctorReport()
     _exl3_model_rows(report, ModelConfig(backend="exllamav3"), {"model_type": "qwen2"})
     assert report.problem is not None and "EXL3 models only" in report.problem
+
+
+# --- exlsp models ------------------------------------------------------------------------
+
+
+def test_catalogue_sizes_exl3_for_the_families_exllamav3_loads() -> None:
+    from exlsp.completion import models
+
+    fits = models.size_all(24 * 2**30, "exllamav3", max_seq_len=8192, cache_type="q8")
+    names = {f.variant.model.name for f in fits}
+    assert "qwen2.5-coder-1.5b" in names and "codestral-22b" in names
+    assert "deepseek-coder-6.7b" in names
+    assert not any(n.startswith(("starcoder2", "codegemma")) for n in names)
+    one = next(
+        f for f in fits if f.variant.model.name == "qwen2.5-coder-1.5b" and f.variant.bpw == 4.0
+    )
+    m, v = one.variant.model, one.variant
+    assert v.kind == "EXL3 4 bpw" and v.converted and v.source.endswith("(convert)")
+    # Embeddings stay in system memory; the untied head is stored at 6 bits.
+    body = m.parameters - m.head_parameters  # tied: one vocab x hidden table
+    assert one.estimate.weights == round(body * 4.0 / 8 + m.head_parameters * 6.0 / 8)
+    assert one.estimate.second_cache == 0  # one paged cache for every job
+    assert one.estimate.kv_cache == m.kv_cache_bytes(8192, "q8")
