@@ -918,3 +918,51 @@ def test_catalogue_sizes_exl3_for_the_families_exllamav3_loads() -> None:
     assert one.estimate.weights == round(body * 4.0 / 8 + m.head_parameters * 6.0 / 8)
     assert one.estimate.second_cache == 0  # one paged cache for every job
     assert one.estimate.kv_cache == m.kv_cache_bytes(8192, "q8")
+
+
+# --- the GPU kit's EXL3 stages ----------------------------------------------------------------
+
+
+def test_the_kit_exl3_run_replaces_the_exl2_tests_and_bench() -> None:
+    from exlsp.benchmarks import gpu_kit
+    from exlsp.benchmarks.gpu_kit import KitPaths
+
+    plain = [s.name for s in gpu_kit.selected_stages(set())]
+    exl3 = [s.name for s in gpu_kit.selected_stages({"exl3"})]
+    assert not any(n.startswith("exl3") for n in plain)
+    assert {"tiny", "tests", "bench-1.5b"} <= set(plain)
+    assert not {"tiny", "tests", "bench-1.5b"} & set(exl3)
+    for name in ("exl3-extension", "exl3-tiny", "exl3-tests", "exl3-model-1.5b", "exl3-bench-1.5b"):
+        assert name in exl3
+    # exllamav3 compiles beside exllamav2 (both extensions are in the run)
+    assert exl3.index("exl3-extension") < exl3.index("extension")
+    paths = KitPaths(out=Path("/tmp/out"))
+    tests = {s.name: s for s in gpu_kit.STAGES}["exl3-tests"]
+    assert "tests/test_gpu_exllamav3.py" in tests.argv(paths)
+    assert tests.extra_env(paths)["EXLSP_GPU_EXL3_MODEL"].endswith("tiny-exl3-4.0")
+    exl2_tests = {s.name: s for s in gpu_kit.STAGES}["tests"].argv(paths)
+    assert "tests/test_gpu_exllamav3.py" not in exl2_tests
+
+
+def test_the_kit_keystrokes_are_inline_edits_of_one_prompt() -> None:
+    from exlsp.benchmarks.gpu_kit import keystroke_prompts
+
+    base = list(range(100, 4164))
+    prompts = keystroke_prompts(base, 40)
+    assert len(prompts) == 40
+    for before, after in zip([base, *prompts], prompts, strict=False):
+        changed = len(after) - common_prefix_length(before, after)
+        assert 1 <= changed <= 2  # a typed token, or a correction of the last two
+
+
+def test_exl3_converter_command_is_short_for_random_weights() -> None:
+    from exlsp.benchmarks.build_exl3 import convert_command, exl3_bits
+
+    cmd = convert_command(Path("/hf"), Path("/work"), Path("/out"), 4.0, python="py")
+    assert cmd[:3] == ["py", "-m", "exllamav3.conversion.convert_model"]
+    assert cmd[cmd.index("-b") + 1] == "4.0" and cmd[cmd.index("-hb") + 1] == "6"
+    assert "-cr" in cmd and "-cc" in cmd
+    assert "-cr" not in convert_command(
+        Path("/hf"), Path("/w"), Path("/o"), 4.0, fast_calibration=False
+    )
+    assert exl3_bits(Path("/nonexistent")) is None
