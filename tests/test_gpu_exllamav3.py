@@ -112,7 +112,8 @@ def _top2_margin(b: ExLlamaV3Backend, ids: list[int]) -> float:
     """The gap between the two best next-token logits after `ids`, without the cache."""
     with torch.inference_mode():
         logits = b.model.forward(
-            torch.tensor([ids], dtype=torch.long), {"attn_mode": "flash_attn_nc"}
+            torch.tensor([ids], dtype=torch.long),
+            {"attn_mode": "flash_attn_nc", "last_tokens_only": 1},
         )
     top = torch.topk(logits[0, -1].float(), 2).values
     return float(top[0] - top[1])
