@@ -10,8 +10,10 @@ like the exllamav2 backend. From reading exllamav3 1.6.5's sources:
   block index and hashing to use it at all;
 - prefix reuse comes with it, down to the token: `Job.prepare_for_queue` hashes
   the prompt's full 256-token pages, `PageTable.allocate_pages` revives every page
-  whose hash chain matches (any earlier prompt, not only the last one, so hover
-  and code-action prompts do not evict the completion's), and `Job.prefill` copies
+  whose hash chain matches (any earlier prompt, not only the last one: hover and
+  code-action jobs, whatever their `slot`, share the one paged cache and evict
+  the completion's pages, least recently used first, only when it is full), and
+  `Job.prefill` copies
   the longest partial match of the next page from any cached page
   (`ext.count_match_tensor` + `Cache.copy_page`, counted in `job.cached_tokens`);
   the last prompt token always runs in the first generation step;
