@@ -109,7 +109,7 @@ class AssistModelConfig:
     counted in the stats) or a remote OpenAI-compatible server.
     """
 
-    # "" (the completion model), "transformers", "exllamav2" or "openai".
+    # "" (the completion model), "transformers", "exllamav2", "exllamav3" or "openai".
     backend: str = ""
     # The model directory (openai: the served model's tokenizer, for its chat template).
     # Empty with a local backend: the built-in default model.
