@@ -966,3 +966,58 @@ def test_exl3_converter_command_is_short_for_random_weights() -> None:
         Path("/hf"), Path("/w"), Path("/o"), 4.0, fast_calibration=False
     )
     assert exl3_bits(Path("/nonexistent")) is None
+
+
+# --- the fake against exllamav3's own source ---------------------------------------------------
+
+
+def _exllamav3_source(path: str) -> str | None:
+    """A file of the exllamav3 1.6.5 wheel carried for the GPU kit (.gpu-wheels/), if here."""
+    import zipfile
+
+    from exlsp.benchmarks.gpu_kit import WHEELS_DIR
+
+    wheel = next(iter(sorted(WHEELS_DIR.glob("exllamav3-1.6.5-*.whl"))), None)
+    if wheel is None:
+        return None
+    with zipfile.ZipFile(wheel) as z:
+        return z.read(f"exllamav3/{path}").decode("utf-8")
+
+
+def _params_and_methods(source: str, cls: str) -> tuple[set[str], set[str], bool]:
+    import ast
+
+    node = next(
+        n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == cls
+    )
+    methods = {f.name for f in node.body if isinstance(f, ast.FunctionDef)}
+    init = next(f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
+    params = {a.arg for a in init.args.args + init.args.kwonlyargs}
+    return params, methods, init.args.kwarg is not None
+
+
+def test_the_backend_calls_exllamav3_as_its_source_defines(tmp_path: Path) -> None:
+    """Every keyword the backend passes and every method it calls exists in exllamav3
+    1.6.5's source (read from the carried wheel, never imported)."""
+    generator = _exllamav3_source("generator/generator.py")
+    if generator is None:
+        pytest.skip("no exllamav3 wheel in .gpu-wheels (bash benchmarks/gpu/prepare-wheels.sh)")
+    job = _exllamav3_source("generator/job.py")
+    cache = _exllamav3_source("cache/cache.py")
+    assert job is not None and cache is not None
+    g_params, g_methods, _ = _params_and_methods(generator, "Generator")
+    settings = GeneratorSettings(
+        cpu_cache_bytes=1, disk_cache_dir=str(tmp_path), disk_cache_bytes=1, ngram_draft=True
+    )
+    assert {"model", "cache", "tokenizer", *settings.kwargs()} <= g_params
+    assert {
+        "enqueue", "cancel", "iterate", "close", "clear_queue", "get_cache_stats",
+        "flush_cache_to_disk",
+    } <= g_methods  # fmt: skip
+    j_params, _, _ = _params_and_methods(job, "Job")
+    assert {
+        "input_ids", "max_new_tokens", "stop_conditions", "sampler", "decode_special_tokens"
+    } <= j_params  # fmt: skip
+    assert "self.cached_pages = 0" in job and "self.cached_tokens = 0" in job
+    c_params, _, c_kwargs = _params_and_methods(cache, "Cache")
+    assert {"model", "max_num_tokens", "layer_type", "max_history"} <= c_params and c_kwargs
