@@ -620,6 +620,25 @@ def test_cancel_during_prefill_stops_within_one_chunk_and_keeps_it() -> None:
     assert again.stats.reused_tokens == 2 * 256  # the chunks that ran stayed cached
 
 
+def test_background_jobs_prefill_in_short_chunks() -> None:
+    """A hover or code-action job prefills one page a pass, so a completion that
+    preempts it (cancels it) waits for one page; completions keep their chunk."""
+    backend = make_backend(settings=GeneratorSettings(max_chunk_size=1024))
+    gen = backend.generator()
+    seen: list[int] = []
+    job = GenerationJob(
+        prompt=prompt_of(1000), stop_ids=frozenset(), max_tokens=4, slot="background"
+    )
+    gen.on_iterate = lambda g: (seen.append(g.max_chunk_size), job.cancel.set())
+    assert list(decode(backend, job)) == []
+    assert job.stats.prefilled_tokens == PAGE_SIZE
+    gen.on_iterate = None
+    _, main = run(backend, prompt_of(1000, seed=3))
+    assert main.stats.prefilled_tokens == 1000  # whole chunks of 1024
+    assert seen == [PAGE_SIZE]
+    assert gen.max_chunk_size == 1024
+
+
 def test_deadline_stops_a_prefill() -> None:
     backend = make_backend(settings=GeneratorSettings(max_chunk_size=256))
     job = GenerationJob(prompt=prompt_of(1000), stop_ids=frozenset(), max_tokens=8)

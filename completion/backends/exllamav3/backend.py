@@ -77,6 +77,10 @@ log = logging.getLogger(__name__)
 PAGE_SIZE = 256  # exllamav3/util/tensor.py: PAGE_SIZE
 NGRAM_MATCH_MIN = 2  # shortest n-gram the drafter matches (exllamav2's min_ngram too)
 NGRAM_DRAFT_TOKENS = 4
+# Prompt tokens per prefill pass of a background job (hover, code actions): the
+# longest a completion that preempts it waits (one page; the generator reads
+# `max_chunk_size` at each pass, Job.prefill).
+BACKGROUND_PREFILL_CHUNK = PAGE_SIZE
 # model.cacheType -> the quantized cache's bits (keys, values); fp16: CacheLayer_fp16.
 CACHE_BITS: dict[str, int | None] = {"fp16": None, "q8": 8, "q6": 6, "q4": 4}
 # exllamav3 1.6.5's architectures whose caps set "recurrent_states" (linear attention,
@@ -262,6 +266,9 @@ class ExLlamaV3Backend:
         if not job.reuse_cache:
             self.reset_cache()
         gen = self.generator()
+        gen.max_chunk_size = (
+            self.settings.max_chunk_size if job.slot == "main" else BACKGROUND_PREFILL_CHUNK
+        )
         xjob = self._api.Job(
             input_ids=self._torch.tensor([prompt], dtype=self._torch.long),
             # At least 1 (the Job asserts it); the decode loop cuts at `max_tokens`.
