@@ -34,9 +34,9 @@ from typing import Any
 from exlsp.completion.backends.base import GenerationJob
 from exlsp.completion.backends.exllamav2 import (
     ExLlamaV2Backend,
-    GpuOutOfMemoryError,
     load_exllamav2_backend,
 )
+from exlsp.completion.backends.gpu import GpuOutOfMemoryError
 from exlsp.completion.config import ModelConfig
 
 

@@ -53,6 +53,7 @@ RESULTS_NAME = "gpu-kit.json"
 BENCH_NAME = "bench"  # gpu_bench writes gpu-bench.json
 LOG_NAME = "kit.log"
 JUNIT_NAME = "tests.xml"
+EXL3_JUNIT_NAME = "tests-exl3.xml"
 
 
 # --- paths and environment ---------------------------------------------------------------
@@ -99,6 +100,14 @@ class KitPaths:
     @property
     def tiny_exl2(self) -> Path:
         return self.models / f"{FAMILY}-tiny-exl2-4.0"
+
+    def exl3_dir(self, size: str) -> Path:
+        return self.models / f"{FAMILY}-{size}-exl3-4.0"
+
+    @property
+    def exl3_pages(self) -> Path:
+        """The exllamav3 backend's disk page tier in the EXL3 benchmark."""
+        return self.work / "exl3-pages"
 
 
 def nvidia_cuda_dirs() -> tuple[Path, Path] | None:
@@ -170,6 +179,7 @@ class Stage:
     background: bool = False
     needs: tuple[str, ...] = ()
     flag: str | None = None  # runs only with this command-line flag
+    skip_flag: str | None = None  # left out with this command-line flag
     # A status from the collected data where the exit code does not tell (all skipped).
     judge: Callable[[dict[str, Any]], str | None] = field(default=lambda d: None)
     extra_env: Callable[[KitPaths], dict[str, str]] = field(default=lambda p: {})
@@ -205,7 +215,12 @@ def _convert_argv(p: KitPaths) -> list[str]:
 
 
 def _tests_argv(p: KitPaths) -> list[str]:
-    tests = sorted(str(t.relative_to(ROOT)) for t in (ROOT / "tests").glob("test_gpu_*.py"))
+    # The EXL3 tests run in the EXL3 stage (their model needs exllamav3's extension).
+    tests = sorted(
+        str(t.relative_to(ROOT))
+        for t in (ROOT / "tests").glob("test_gpu_*.py")
+        if t.name != "test_gpu_exllamav3.py"
+    )
     return [
         p.python, "-m", "pytest", "-m", "gpu", *tests, "-q", "-rs", "-p", "no:cacheprovider",
         "--junitxml", str(p.out / JUNIT_NAME),
@@ -217,6 +232,20 @@ def _bench_argv(size: str) -> Callable[[KitPaths], list[str]]:
         p.python, "-m", "exlsp.benchmarks.gpu_bench", "--models-dir", str(p.models),
         "--sizes", size, "--maker", "writer", "--no-index", "--name", BENCH_NAME,
         "--results-dir", str(p.out),
+    ]  # fmt: skip
+
+
+def _exl3_model_argv(size: str) -> Callable[[KitPaths], list[str]]:
+    return lambda p: [
+        p.python, "-m", "exlsp.benchmarks.build_exl3", "--size", size, "--bits", "4.0",
+        "--out", str(p.exl3_dir(size)), "--hf-dir", str(p.hf_dir(size)),
+    ]  # fmt: skip
+
+
+def _exl3_tests_argv(p: KitPaths) -> list[str]:
+    return [
+        p.python, "-m", "pytest", "-m", "gpu", "tests/test_gpu_exllamav3.py", "-q", "-rs",
+        "-p", "no:cacheprovider", "--junitxml", str(p.out / EXL3_JUNIT_NAME),
     ]  # fmt: skip
 
 
@@ -245,6 +274,14 @@ STAGES: tuple[Stage, ...] = (
         _collect_model("1.5b"),
         background=True,
     ),
+    Stage(
+        "exl3-extension",
+        300,
+        "exllamav3's CUDA extension (JIT), compiled beside exllamav2's",
+        _kit("exl3-extension"),
+        background=True,
+        flag="exl3",
+    ),
     Stage("extension", 240, "exllamav2's CUDA extension (JIT, all cores)", _kit("extension")),
     Stage(
         "tiny",
@@ -252,6 +289,7 @@ STAGES: tuple[Stage, ...] = (
         "tiny EXL2 by exllamav2's converter, checked against the loader's layout",
         _kit("tiny"),
         needs=("extension",),
+        skip_flag="exl3",
     ),
     Stage(
         "tests",
@@ -262,6 +300,7 @@ STAGES: tuple[Stage, ...] = (
         needs=("tiny",),
         extra_env=lambda p: {"EXLSP_GPU_EXL2_MODEL": str(p.tiny_exl2)},
         judge=lambda d: None if d.get("counts", {}).get("passed") else "nothing-passed",
+        skip_flag="exl3",
     ),
     Stage(
         "bench-1.5b",
@@ -270,6 +309,47 @@ STAGES: tuple[Stage, ...] = (
         _bench_argv("1.5b"),
         _collect_bench,
         needs=("extension", "model-1.5b"),
+        skip_flag="exl3",
+    ),
+    # EXL3 (run.sh --exl3, a run of its own): exllamav3's converter makes a tiny and a
+    # 1.5B-architecture model, the gpu-marked tests run on the tiny one, and the bench
+    # puts exllamav3 beside exllamav2 on the same architecture at 4.0 bpw.
+    Stage(
+        "exl3-tiny",
+        90,
+        "tiny EXL3 by exllamav3's converter (short calibration)",
+        _exl3_model_argv("tiny"),
+        lambda p: read_json(p.exl3_dir("tiny") / "exlsp-exl3.json"),
+        needs=("exl3-extension",),
+        flag="exl3",
+    ),
+    Stage(
+        "exl3-tests",
+        150,
+        "gpu-marked exllamav3 tests on the tiny EXL3 model",
+        _exl3_tests_argv,
+        lambda p: junit_summary(p.out / EXL3_JUNIT_NAME),
+        needs=("exl3-tiny",),
+        extra_env=lambda p: {"EXLSP_GPU_EXL3_MODEL": str(p.exl3_dir("tiny"))},
+        judge=lambda d: None if d.get("counts", {}).get("passed") else "nothing-passed",
+        flag="exl3",
+    ),
+    Stage(
+        "exl3-model-1.5b",
+        150,
+        "Qwen2.5-Coder-1.5B architecture, EXL3 4.0 bpw, exllamav3's converter",
+        _exl3_model_argv("1.5b"),
+        lambda p: read_json(p.exl3_dir("1.5b") / "exlsp-exl3.json"),
+        needs=("exl3-extension", "model-1.5b"),
+        flag="exl3",
+    ),
+    Stage(
+        "exl3-bench-1.5b",
+        150,
+        "exllamav3 beside exllamav2, 1.5B at 4.0 bpw, 4k prompt: keystrokes, disk-tier restart",
+        _kit("exl3-bench"),
+        needs=("extension", "exl3-model-1.5b"),
+        flag="exl3",
     ),
     Stage(
         "convert-1.5b",
@@ -295,7 +375,11 @@ STAGES: tuple[Stage, ...] = (
 
 def selected_stages(flags: set[str], only: Sequence[str] | None = None) -> list[Stage]:
     return [
-        s for s in STAGES if (s.flag is None or s.flag in flags) and (not only or s.name in only)
+        s
+        for s in STAGES
+        if (s.flag is None or s.flag in flags)
+        and (s.skip_flag is None or s.skip_flag not in flags)
+        and (not only or s.name in only)
     ]
 
 
@@ -306,6 +390,13 @@ def selected_stages(flags: set[str], only: Sequence[str] | None = None) -> list[
 CARRIED_ANYWAY = {
     "ninja": "torch's JIT build needs the binary on PATH, which no run has shown; "
     "installed last on PATH, so the image's comes first",
+}
+
+
+# Requirements of a carried wheel that are not carried, and why (reported, not failed).
+UNCARRIED = {
+    "llguidance": "exllamav3 needs >=1.7.0, the local package index has 1.6.1 at most; "
+    "exllamav3 imports it in a try/except, for grammar filters the backend never uses",
 }
 
 
@@ -420,6 +511,7 @@ def check_wheels(
     carried = {normalize(w["name"]): w for w in lock["wheels"]}
     report: dict[str, Any] = {
         "missing": [],
+        "uncarried": [],
         "version_conflicts": [],
         "assumed": [],
         "duplicates": [],
@@ -450,6 +542,8 @@ def check_wheels(
                         report["assumed"].append(f"{where}; the image's version is unread")
                 elif not req.specifier.contains(Version(version), prereleases=True):
                     report["version_conflicts"].append(f"{where}; the image has {version}")
+            elif name in UNCARRIED:
+                report["uncarried"].append(f"{where}: {UNCARRIED[name]}")
             else:
                 report["missing"].append(where)
     if wheels_dir is not None:
@@ -487,6 +581,8 @@ GPU_ENTRY_MODULES = (
     "exlsp.server.__main__",
     "exlsp.server.lsp",
     "exlsp.completion.backends.exllamav2",
+    "exlsp.completion.backends.exllamav3.backend",
+    "exlsp.benchmarks.build_exl3",
     "exlsp.completion.backends.transformers_backend",
 )
 # Third-party imports the GPU stages can do without (each guarded where it is imported).
@@ -644,7 +740,10 @@ def plan(paths: KitPaths, flags: set[str], out: Any = sys.stdout) -> int:
     failures = 0
     stages = selected_stages(flags)
     out.write(f"exlsp GPU kit: {len(stages)} stages, whole run clamped to {TOTAL_BUDGET_S} s\n")
-    for i, st in enumerate(stages, 1):
+    others = [s for s in STAGES if s not in stages]
+    for i, st in enumerate([*stages, *others], 1):
+        if i == len(stages) + 1:
+            out.write("not in this run (another command-line flag selects or drops them):\n")
         env = {k: v for k, v in st.extra_env(paths).items()}
         argv = " ".join(shlex.quote(a) for a in st.argv(paths))
         mode = " (background)" if st.background else ""
@@ -693,6 +792,8 @@ def plan(paths: KitPaths, flags: set[str], out: Any = sys.stdout) -> int:
         out.write(f"   note: {name} carried although the image lists it: {why}\n")
     for line in report["assumed"]:
         out.write(f"   assumed (checked on the machine by the env stage): {line}\n")
+    for line in report["uncarried"]:
+        out.write(f"   note: not carried: {line}\n")
     if report["bytes"] > CARRY_LIMIT_BYTES // 2:
         out.write("   FAIL the wheels take more than half the travel limit\n")
         failures += 1
@@ -1045,6 +1146,167 @@ def body_tiny(out: Path, work: Path) -> int:
     return 0
 
 
+def body_exl3_extension(out: Path) -> int:
+    """EXL3 stage: import exllamav3's extension module, which JIT-compiles it; timed."""
+    from exlsp.completion.backends.exllamav3.backend import import_exllamav3
+
+    t0 = time.perf_counter()
+    exl3 = import_exllamav3()
+    import exllamav3.ext  # noqa: F401  (the extension module itself)
+
+    data = {
+        "exllamav3": _version("exllamav3") or getattr(exl3, "__version__", None),
+        "build_s": round(time.perf_counter() - t0, 1),
+        "max_jobs": os.environ.get("MAX_JOBS"),
+        "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST"),
+    }
+    _write_part(out, "exl3-extension", data)
+    print(json.dumps(data))
+    return 0
+
+
+# The EXL3 targets on an H100/H200, 1.5B architecture at 4.0 bpw, 4k-token prompt.
+EXL3_TARGETS = {
+    "p50_ms": 40.0,
+    "p95_ms": 100.0,
+    "ttft_ms": 15.0,
+    "prefilled_per_inline_keystroke": 16,
+    "restart_reused_fraction": 0.90,
+}
+EXL3_BENCH_PROMPT = 4096
+EXL3_BENCH_KEYSTROKES = 40
+EXL3_BENCH_TOKENS = 32
+
+
+def keystroke_prompts(base: list[int], keystrokes: int) -> list[list[int]]:
+    """In-line typing at the end of `base`: one token more each keystroke, and every
+    eighth keystroke a correction (the last two tokens replaced by one)."""
+    prompts = []
+    text = list(base)
+    for k in range(keystrokes):
+        if k % 8 == 7:
+            text = [*text[:-2], (text[-1] * 7 + k) % 30000 + 100]
+        else:
+            text = [*text, (k * 131 + 17) % 30000 + 100]
+        prompts.append(text)
+    return prompts
+
+
+def _percentile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return round(s[min(len(s) - 1, round(q * (len(s) - 1)))], 2)
+
+
+def run_keystrokes(backend: Any, prompts: Sequence[list[int]], tokens: int) -> dict[str, Any]:
+    """Each prompt as one keystroke's suggestion (`tokens` forced: no stop ids): latency,
+    time to first token, reused and prefilled tokens."""
+    from exlsp.completion.backends.base import GenerationJob
+    from exlsp.completion.decode import decode
+
+    lat: list[float] = []
+    ttft: list[float] = []
+    prefilled: list[int] = []
+    reused: list[int] = []
+    for prompt in prompts:
+        job = GenerationJob(prompt=prompt, stop_ids=frozenset(), max_tokens=tokens)
+        t0 = time.perf_counter()
+        for _ in decode(backend, job):
+            pass
+        lat.append((time.perf_counter() - t0) * 1000)
+        ttft.append(job.stats.ttft_ms or 0.0)
+        prefilled.append(job.stats.prefilled_tokens)
+        reused.append(job.stats.reused_tokens)
+    inline = prefilled[1:]
+    return {
+        "keystrokes": len(prompts),
+        "p50_ms": _percentile(lat, 0.5),
+        "p95_ms": _percentile(lat, 0.95),
+        "ttft_p50_ms": _percentile(ttft, 0.5),
+        "prefilled_max_inline": max(inline) if inline else None,
+        "prefilled_p50_inline": _percentile([float(x) for x in inline], 0.5),
+        "reused_p50": _percentile([float(x) for x in reused], 0.5),
+        "first_prefilled": prefilled[0] if prefilled else None,
+    }
+
+
+def body_exl3_bench(out: Path, work: Path) -> int:
+    """EXL3 stage: exllamav3 beside exllamav2 on the 1.5B architecture at 4.0 bpw.
+
+    The same keystrokes (a 4k-token prompt, then in-line typing, 32 tokens forced)
+    through `decode()` on each backend in turn, then a restart of the exllamav3 backend
+    on its disk page tier: the reused fraction of the first suggestion's prompt."""
+    from exlsp.completion.backends.exllamav2_backend import load_exllamav2_backend
+    from exlsp.completion.backends.exllamav3 import load_exllamav3_backend
+    from exlsp.completion.config import ModelConfig
+
+    paths = KitPaths(out=out, work=work)
+    base = [(i * 7919 + 13) % 30000 + 100 for i in range(EXL3_BENCH_PROMPT - EXL3_BENCH_TOKENS)]
+    prompts = keystroke_prompts(base, EXL3_BENCH_KEYSTROKES)
+    data: dict[str, Any] = {
+        "prompt_tokens": len(prompts[0]),
+        "tokens": EXL3_BENCH_TOKENS,
+        "targets": EXL3_TARGETS,
+    }
+
+    def save() -> None:
+        _write_part(out, "exl3-bench-1.5b", data)
+
+    exl3_cfg = ModelConfig(
+        path=str(paths.exl3_dir("1.5b")),
+        backend="exllamav3",
+        maxSeqLen=8192,
+        pageCacheRamMiB=1024,
+        pageCacheDiskMiB=4096,
+        pageCacheDir=str(paths.exl3_pages),
+    )
+    shutil.rmtree(paths.exl3_pages, ignore_errors=True)
+    t0 = time.perf_counter()
+    b3 = load_exllamav3_backend(exl3_cfg)
+    data["exllamav3_load_s"] = round(time.perf_counter() - t0, 1)
+    try:
+        data["exllamav3"] = run_keystrokes(b3, prompts, EXL3_BENCH_TOKENS)
+        save()
+        b3.flush_to_disk()
+    finally:
+        b3.close()
+    # A restart: a new backend (new generator and GPU cache) on the same disk tier.
+    t0 = time.perf_counter()
+    b3 = load_exllamav3_backend(exl3_cfg)
+    data["exllamav3_reload_s"] = round(time.perf_counter() - t0, 1)
+    try:
+        restart = run_keystrokes(b3, [prompts[-1]], EXL3_BENCH_TOKENS)
+        first = restart["reused_p50"] or 0.0
+        restart["reused_fraction"] = round(first / len(prompts[-1]), 3)
+        data["exllamav3_restart"] = restart
+        save()
+    finally:
+        b3.close()
+    exl2_dir = paths.exl2_dir("1.5b")
+    if exl2_dir.is_dir():
+        b2 = load_exllamav2_backend(
+            ModelConfig(path=str(exl2_dir), backend="exllamav2", maxSeqLen=8192)
+        )
+        try:
+            data["exllamav2"] = run_keystrokes(b2, prompts, EXL3_BENCH_TOKENS)
+        finally:
+            b2.close()
+    r3 = data["exllamav3"]
+    data["targets_met"] = {
+        "p50_ms": r3["p50_ms"] is not None and r3["p50_ms"] <= EXL3_TARGETS["p50_ms"],
+        "p95_ms": r3["p95_ms"] is not None and r3["p95_ms"] <= EXL3_TARGETS["p95_ms"],
+        "ttft_ms": r3["ttft_p50_ms"] is not None and r3["ttft_p50_ms"] <= EXL3_TARGETS["ttft_ms"],
+        "prefilled_per_inline_keystroke": (r3["prefilled_max_inline"] or 0)
+        <= EXL3_TARGETS["prefilled_per_inline_keystroke"],
+        "restart_reused_fraction": data["exllamav3_restart"]["reused_fraction"]
+        >= EXL3_TARGETS["restart_reused_fraction"],
+    }
+    save()
+    print(json.dumps(data, indent=1))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m exlsp.benchmarks.gpu_kit", description=__doc__.split("\n")[0]
@@ -1053,7 +1315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command",
         nargs="?",
         default="run",
-        choices=["run", "plan", "env", "extension", "tiny", "lock"],
+        choices=["run", "plan", "env", "extension", "tiny", "lock", "exl3-extension", "exl3-bench"],
     )
     parser.add_argument("--dry-run", "--plan", action="store_true", help="same as `plan`")
     parser.add_argument(
@@ -1066,9 +1328,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also time exllamav2's converter on the 1.5B model",
     )
+    parser.add_argument(
+        "--exl3",
+        action="store_true",
+        help="the EXL3 stages (exllamav3 beside exllamav2) instead of the EXL2 tests and bench",
+    )
     parser.add_argument("--only", nargs="+", help="run only these stages")
     args = parser.parse_args(argv)
-    flags = {f for f in ("with_7b", "with_converter") if getattr(args, f)}
+    flags = {f for f in ("with_7b", "with_converter", "exl3") if getattr(args, f)}
     python = os.environ.get("EXLSP_KIT_PYTHON") or sys.executable
     paths = KitPaths(out=args.out.resolve(), work=args.work, python=python)
     command = "plan" if args.dry_run else args.command
@@ -1083,6 +1350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return body_env(args.out)
     if command == "extension":
         return body_extension(args.out)
+    if command == "exl3-extension":
+        return body_exl3_extension(args.out)
+    if command == "exl3-bench":
+        return body_exl3_bench(args.out, args.work)
     return body_tiny(args.out, args.work)
 
 

@@ -24,8 +24,8 @@ class ModelConfig:
     # A Hugging Face / EXL2 model directory. Empty: the built-in default model
     # (built locally on first use).
     path: str = ""
-    # "transformers", "exllamav2", "openai" or "instant" (server-overhead measurement:
-    # loads only the tokenizer and generates nothing).
+    # "transformers", "exllamav2", "exllamav3", "openai" or "instant" (server-overhead
+    # measurement: loads only the tokenizer and generates nothing).
     backend: str = "transformers"
     # "auto", "cpu", "cuda", "cuda:1", ...
     device: str = "auto"
@@ -40,8 +40,17 @@ class ModelConfig:
     cacheType: str = "q8"
     # exllamav2: cache length in tokens (a multiple of 256).
     maxSeqLen: int = 8192
-    # exllamav2: n-gram speculative decoding.
+    # exllamav2, exllamav3: n-gram speculative decoding.
     ngramDraft: bool = False
+    # exllamav3: prompt tokens per prefill pass (a multiple of 256): a cancelled
+    # keystroke or a passed deadline stops a long prefill between two passes.
+    prefillChunk: int = 1024
+    # exllamav3: pinned system RAM (MiB) for cache pages evicted from the GPU; 0: off.
+    pageCacheRamMiB: int = 0
+    # exllamav3: disk budget (MiB) for cache pages kept across restarts (needs
+    # pageCacheRamMiB); 0: off. In `pageCacheDir` ("": <exlsp cache dir>/exl3-pages).
+    pageCacheDiskMiB: int = 0
+    pageCacheDir: str = ""
     # CPU threads for the transformers backend (0: torch's default, one per core).
     # 1 by default: on a busy 2-core machine torch's default took ~200 ms a token
     # and hit the 2 s deadline, one thread 14-19 ms (README, model.threads).
@@ -100,7 +109,7 @@ class AssistModelConfig:
     counted in the stats) or a remote OpenAI-compatible server.
     """
 
-    # "" (the completion model), "transformers", "exllamav2" or "openai".
+    # "" (the completion model), "transformers", "exllamav2", "exllamav3" or "openai".
     backend: str = ""
     # The model directory (openai: the served model's tokenizer, for its chat template).
     # Empty with a local backend: the built-in default model.

@@ -35,6 +35,16 @@ HEADROOM = 0.10
 # Below this many bits per weight a model is recommended only when nothing better fits.
 MIN_GOOD_BPW = 4.0
 
+# Families whose architecture exllamav3 1.6.5 loads (exllamav3/architecture/: qwen2.py,
+# llama.py for DeepSeek-Coder v1 and CodeLlama, mistral.py for Codestral); StarCoder2
+# and Gemma 1 (CodeGemma) have none there.
+EXL3_FAMILIES = frozenset({"qwen2.5-coder", "deepseek-coder", "codellama", "codestral"})
+# Sizes to convert to with exllamav3's converter where no EXL3 repository is listed
+# (`python -m exllamav3.conversion.convert_model -i IN -o OUT -w WORK -b BITS`), and
+# its default output-head bits (conversion/convert_model.py `--head_bits`, default 6).
+EXL3_CONVERT_BITS = (8.0, 6.0, 5.0, 4.0, 3.0)
+EXL3_HEAD_BITS = 6.0
+
 # Caches the backends keep: exllamav2's four types; the transformers backend's
 # unquantized cache (fp16 on a GPU, fp32 on a CPU).
 CACHE_TYPES = ("fp16", "q8", "q6", "q4", "fp32")
@@ -66,6 +76,8 @@ class CatalogueModel:
     gguf: tuple[str, ...]
     sources: tuple[str, ...]
     unverified: tuple[str, ...] = ()
+    # EXL3 repositories (exllamav3), as `exl2` lists EXL2 ones; none listed: converted locally.
+    exl3: tuple[Exl2Repo, ...] = ()
     # The instruction-tuned model of the same architecture, for hover and refactors
     # (`exlsp pull --assist`); None where its makers publish none.
     instruct: str | None = None
@@ -98,22 +110,32 @@ class Variant:
     """One downloadable form of a catalogue model for one backend."""
 
     model: CatalogueModel
-    backend: str  # "exllamav2" or "transformers"
+    backend: str  # "exllamav2", "exllamav3" or "transformers"
     repo: str
     revision: str
     bpw: float
     head_bits: float
     exl2: bool = False
+    exl3: bool = False  # an EXL3 size: from `repo@revision`, or converted from `repo`
 
     @property
     def kind(self) -> str:
         if self.exl2:
             return f"EXL2 {self.bpw:g} bpw"
+        if self.exl3:
+            return f"EXL3 {self.bpw:g} bpw"
         return f"{'16-bit' if self.bpw == 16 else 'fp32'} safetensors"
 
     @property
+    def converted(self) -> bool:
+        """An EXL3 size to convert locally from the safetensors repository."""
+        return self.exl3 and self.revision == "convert"
+
+    @property
     def source(self) -> str:
-        return f"{self.repo}@{self.revision}" if self.exl2 else self.repo
+        if self.converted:
+            return f"{self.repo} (convert)"
+        return f"{self.repo}@{self.revision}" if self.exl2 or self.exl3 else self.repo
 
 
 @dataclass(frozen=True)
@@ -159,6 +181,14 @@ def _entry(raw: dict[str, Any]) -> CatalogueModel:
             for e in raw.get("exl2", [])
         ),
         gguf=tuple(raw.get("gguf", [])),
+        exl3=tuple(
+            Exl2Repo(
+                e["repo"],
+                {k: float(v) for k, v in e["branches"].items()},
+                {k: float(v) for k, v in e["headBits"].items()},
+            )
+            for e in raw.get("exl3", [])
+        ),
         sources=tuple(raw["sources"]),
         unverified=tuple(raw.get("unverified", [])),
         instruct=raw.get("instruct"),
@@ -191,6 +221,21 @@ def variants(model: CatalogueModel, backend: str, *, cpu: bool = False) -> list[
             for branch, bpw in e.branches.items()
         ]
         return sorted(out, key=lambda v: -v.bpw)
+    if backend == "exllamav3":
+        if model.fim_template not in EXL3_FAMILIES:
+            return []
+        out = [
+            Variant(model, backend, e.repo, branch, bpw, e.head_bits.get(branch, bpw), exl3=True)
+            for e in model.exl3
+            for branch, bpw in e.branches.items()
+        ]
+        published = {v.bpw for v in out}
+        out += [
+            Variant(model, backend, model.repo, "convert", bpw, EXL3_HEAD_BITS, exl3=True)
+            for bpw in EXL3_CONVERT_BITS
+            if bpw not in published
+        ]
+        return sorted(out, key=lambda v: -v.bpw)
     if backend == "transformers":
         bits = 32.0 if cpu else 16.0  # model.dtype "auto": float32 on a CPU, bfloat16 on CUDA
         return [Variant(model, backend, model.repo, "main", bits, bits)]
@@ -209,6 +254,13 @@ def estimate(
     weights = (
         m.parameters * variant.bpw / 8 + m.head_parameters * (variant.head_bits - variant.bpw) / 8
     )
+    if variant.exl3:
+        # exllamav3 keeps the embedding table in system memory and stores a separate
+        # output head (untied) at its own bits (conversion/quant_config.py update_config).
+        body = m.parameters - m.head_parameters * (1 if m.tied_embeddings else 2)
+        weights = body * variant.bpw / 8 + m.head_parameters * variant.head_bits / 8
+        # One paged cache serves every job (hover and code actions too).
+        second_cache = False
     kv = m.kv_cache_bytes(min(max_seq_len, m.context), cache_type)
     return Estimate(
         weights=round(weights),

@@ -33,7 +33,7 @@ from exlsp.completion.worker import BackendWorker
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("transformers", "exllamav2", "openai", "instant")
+BACKENDS = ("transformers", "exllamav2", "exllamav3", "openai", "instant")
 
 
 class ModelLoadError(RuntimeError):
@@ -122,6 +122,10 @@ def create_backend(model: ModelConfig) -> Backend:
             from exlsp.completion.backends.exllamav2 import load_exllamav2_backend
 
             return load_exllamav2_backend(dataclasses.replace(model, path=str(path)))
+        if model.backend == "exllamav3":
+            from exlsp.completion.backends.exllamav3 import load_exllamav3_backend
+
+            return load_exllamav3_backend(dataclasses.replace(model, path=str(path)))
         if model.backend == "instant":
             from exlsp.completion.backends.instant import InstantBackend
 

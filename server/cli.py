@@ -280,8 +280,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     spare = int(models.HEADROOM * 100)
     print(
         f"{backend} backend; {_gib(free)} free ({where}); maxSeqLen {max_seq_len}, "
-        f"cache {cache_type if backend == 'exllamav2' else 'unquantized'}"
-        + ("" if args.no_second_cache else " (x2: hover/actions get their own)")
+        f"cache {cache_type if backend in ('exllamav2', 'exllamav3') else 'unquantized'}"
+        + (
+            ""
+            if args.no_second_cache or backend == "exllamav3"  # one paged cache serves all
+            else " (x2: hover/actions get their own)"
+        )
         + f", {_gib(models.WORKING_BYTES)} working memory, {spare} % kept spare"
     )
     print()
@@ -333,6 +337,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 def _pull_command(fit: Any) -> str:
     v = fit.variant
     bits = f" --bits {v.bpw:g}" if v.exl2 else ""
+    if v.converted:
+        return (
+            f"exlsp pull {v.model.name}, then convert it: python -m "
+            f"exllamav3.conversion.convert_model -i DIR -o DIR-exl3 -w WORK -b {v.bpw:g}"
+        )
     return f"exlsp pull {v.model.name}{bits}"
 
 
@@ -491,7 +500,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser(
         "models", parents=[common], help="list the model catalogue and what fits this machine"
     )
-    p.add_argument("--backend", choices=["exllamav2", "transformers"], help="size for this backend")
+    p.add_argument(
+        "--backend",
+        choices=["exllamav2", "exllamav3", "transformers"],
+        help="size for this backend",
+    )
     p.add_argument("--max-seq-len", type=int, help="KV cache tokens (default: model.maxSeqLen)")
     p.add_argument(
         "--cache-type", choices=["fp16", "q8", "q6", "q4"], help="default: model.cacheType"

@@ -187,6 +187,19 @@ def _exllamav2_rows(report: DoctorReport, has_gpu: bool, wanted: bool) -> bool:
     return imported
 
 
+def _exllamav3_rows(report: DoctorReport, has_gpu: bool) -> None:
+    """exllamav3 (the exllamav3 backend only; it imports, and compiles, when the model loads)."""
+    version = _version("exllamav3")
+    report.add("exllamav3", version)
+    if not has_gpu:
+        report.fail(
+            "the exllamav3 backend needs a CUDA GPU and this machine has none; "
+            'set model.backend to "transformers" here'
+        )
+    elif version == NOT_INSTALLED:
+        report.fail("exllamav3 is not installed: pip install 'exlsp[exl3]' (exllamav3==1.6.5)")
+
+
 # --- the model --------------------------------------------------------------------
 
 
@@ -218,6 +231,8 @@ def _quantization(cfg: dict[str, Any], path: Path) -> str:
         if method == "exl2":
             head = quant.get("head_bits")
             return f"EXL2 {bits} bpw" + (f" (head {head} bit)" if head else "") + extra
+        if method == "exl3":
+            return f"EXL3 {bits} bpw" + extra
         return f"{method} {bits}-bit" + extra if bits else method + extra
     dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "?"
     return f"{dtype} (unquantized)" + extra
@@ -257,7 +272,42 @@ def _model_rows(report: DoctorReport, model: ModelConfig) -> tuple[Path | None, 
         report.add("context (model)", f"{context} tokens")
     if model.backend == "transformers" and quant.startswith("EXL2"):
         report.fail("an EXL2 model needs the exllamav2 backend (model.backend), not transformers")
+    _exl3_model_rows(report, model, cfg)
     return path, cfg
+
+
+def _exl3_model_rows(report: DoctorReport, model: ModelConfig, cfg: dict[str, Any]) -> None:
+    """EXL3 models: the backend they need, how far their prefix reuse goes, the page tiers."""
+    from exlsp.completion.backends.exllamav3 import (
+        is_exl3_model,
+        is_recurrent_architecture,
+        page_cache_dir,
+    )
+
+    exl3 = is_exl3_model(cfg)
+    if model.backend == "exllamav3" and not exl3:
+        report.fail("the exllamav3 backend loads EXL3 models only (EXL2: model.backend=exllamav2)")
+    if not exl3:
+        return
+    if model.backend != "exllamav3":
+        report.fail(
+            f"an EXL3 model needs the exllamav3 backend (model.backend), not {model.backend}"
+        )
+        return
+    if is_recurrent_architecture(cfg):
+        report.add(
+            "prefix reuse",
+            "snaps to 256-token pages: a hybrid/recurrent architecture resumes only at\n"
+            "page-aligned checkpoints (no partial-page copy)",
+        )
+    else:
+        report.add("prefix reuse", "to the token (whole pages + partial-page copy)")
+    ram, disk = model.pageCacheRamMiB, model.pageCacheDiskMiB
+    tiers = f"pinned RAM {ram} MiB" if ram else "RAM tier off"
+    if disk:
+        where = model.pageCacheDir or str(page_cache_dir())
+        tiers += f", disk {disk} MiB in {where}"
+    report.add("page tiers", tiers)
 
 
 def _fim_family(model: ModelConfig, path: Path) -> str:
@@ -467,6 +517,8 @@ def run_doctor(
         return 0 if report.problem is None else 1
     has_gpu = _machine_rows(report)
     _exllamav2_rows(report, has_gpu, wanted=model.backend == "exllamav2")
+    if model.backend == "exllamav3":
+        _exllamav3_rows(report, has_gpu)
     report.add("backend", model.backend)
     path, _ = _model_rows(report, model)
     if report.problem is None and path is not None:

@@ -25,7 +25,6 @@ from exlsp.completion.backends.base import Backend, GenerationJob, ModelInfo, co
 from exlsp.completion.backends.exllamav2 import (
     ExLlamaV2Backend,
     ExLlamaV2LoadError,
-    GpuOutOfMemoryError,
     NgramDraft,
     StaleExtensionLockError,
     extension_build_dir,
@@ -37,6 +36,7 @@ from exlsp.completion.backends.exllamav2 import (
     safetensors_parameter_count,
 )
 from exlsp.completion.backends.exllamav2.extension import _lock_holder_alive
+from exlsp.completion.backends.gpu import GpuOutOfMemoryError
 from exlsp.completion.config import ModelConfig
 from exlsp.completion.decode import decode
 

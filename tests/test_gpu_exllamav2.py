@@ -29,13 +29,13 @@ from exlsp.completion.backends.base import GenerationJob
 from exlsp.completion.backends.exllamav2 import (
     ExLlamaV2Backend,
     ExLlamaV2LoadError,
-    GpuOutOfMemoryError,
     import_exllamav2,
     kv_cache_bytes,
     load_exllamav2_backend,
     read_model_config,
     round_seq_len,
 )
+from exlsp.completion.backends.gpu import GpuOutOfMemoryError
 from exlsp.completion.config import ModelConfig
 from exlsp.completion.decode import decode
 from exlsp.completion.tokenizer import Tokenizer

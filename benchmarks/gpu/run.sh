@@ -6,6 +6,10 @@
 #     bash benchmarks/gpu/run.sh --plan      # anywhere: stages, commands, budgets, checks
 #     bash benchmarks/gpu/run.sh --with-7b   # also the 7B architecture, if time is left
 #     bash benchmarks/gpu/run.sh --with-converter  # also time exllamav2's converter on 1.5B
+#     bash benchmarks/gpu/run.sh --exl3      # the EXL3 run: exllamav3's extension (beside
+#                                            # exllamav2's), tiny and 1.5B EXL3 models by its
+#                                            # converter, tests/test_gpu_exllamav3.py, and the
+#                                            # 1.5B bench beside exllamav2 (a run of its own)
 #
 # A lent machine gets it as one call: command `bash benchmarks/gpu/run.sh`, carry
 # [".gpu-wheels"] (prepare-wheels.sh fills it), timeout 600 s. $OUT comes back with

@@ -1,11 +1,6 @@
 """The exllamav2 backend: EXL2 weights on a CUDA GPU (see backend.py)."""
 
-from exlsp.completion.backends.exllamav2.backend import (
-    ExLlamaV2Backend,
-    GpuOutOfMemoryError,
-    NgramDraft,
-    is_out_of_memory,
-)
+from exlsp.completion.backends.exllamav2.backend import ExLlamaV2Backend, NgramDraft
 from exlsp.completion.backends.exllamav2.extension import (
     ExLlamaV2LoadError,
     StaleExtensionLockError,
@@ -26,13 +21,11 @@ from exlsp.completion.backends.exllamav2.model_dir import (
 __all__ = [
     "ExLlamaV2Backend",
     "ExLlamaV2LoadError",
-    "GpuOutOfMemoryError",
     "NgramDraft",
     "StaleExtensionLockError",
     "extension_build_dir",
     "find_stale_extension_lock",
     "import_exllamav2",
-    "is_out_of_memory",
     "kv_cache_bytes",
     "load_exllamav2_backend",
     "read_model_config",

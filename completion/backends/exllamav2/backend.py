@@ -29,33 +29,15 @@ fake; the GPU test checks agreement up to such ties.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from exlsp.completion.backends.base import GenerationJob, ModelInfo, common_prefix_length
+from exlsp.completion.backends.gpu import GpuOutOfMemoryError, is_out_of_memory, release_cuda
 from exlsp.completion.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-class GpuOutOfMemoryError(RuntimeError):
-    """The GPU ran out of memory (loading the model, or during a generation)."""
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    if type(error).__name__ == "OutOfMemoryError":
-        return True
-    text = str(error)
-    return "out of memory" in text.lower() or "Insufficient VRAM" in text
-
-
-def release_cuda(torch: Any) -> None:
-    """Give the memory of freed tensors back to the GPU (after their last reference)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # --- generation helpers -------------------------------------------------------------

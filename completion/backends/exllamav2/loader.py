@@ -11,12 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from exlsp.completion.backends.base import ModelInfo
-from exlsp.completion.backends.exllamav2.backend import (
-    ExLlamaV2Backend,
-    GpuOutOfMemoryError,
-    is_out_of_memory,
-    release_cuda,
-)
+from exlsp.completion.backends.exllamav2.backend import ExLlamaV2Backend
 from exlsp.completion.backends.exllamav2.extension import ExLlamaV2LoadError, import_exllamav2
 from exlsp.completion.backends.exllamav2.model_dir import (
     kv_cache_bytes,
@@ -24,6 +19,12 @@ from exlsp.completion.backends.exllamav2.model_dir import (
     round_seq_len,
     safetensors_parameter_count,
     weights_bytes,
+)
+from exlsp.completion.backends.gpu import (
+    GpuOutOfMemoryError,
+    cuda_summary,
+    is_out_of_memory,
+    release_cuda,
 )
 from exlsp.completion.config import ModelConfig
 from exlsp.completion.tokenizer import HfTokenizer
@@ -39,12 +40,6 @@ CACHE_CLASSES = {
     "q6": "ExLlamaV2Cache_Q6",
     "q4": "ExLlamaV2Cache_Q4",
 }
-
-
-def _cuda_summary(torch: Any) -> tuple[str, float, float]:
-    """GPU name, free and total GiB of device 0."""
-    free, total = torch.cuda.mem_get_info(0)
-    return torch.cuda.get_device_name(0), free / 2**30, total / 2**30
 
 
 def load_exllamav2_backend(
@@ -92,7 +87,7 @@ def load_exllamav2_backend(
     model_cfg = read_model_config(path)
     max_seq_len = round_seq_len(config.maxSeqLen)
 
-    gpu, free_gib, total_gib = _cuda_summary(torch)
+    gpu, free_gib, total_gib = cuda_summary(torch)
     model: Any = None
     cache: Any = None
     failure: str | None = None
@@ -127,7 +122,7 @@ def load_exllamav2_backend(
             f"{total_gib:.2f} GiB on {gpu}; lower model.maxSeqLen or cacheType ({failure})"
         )
 
-    _, free_after, _ = _cuda_summary(torch)
+    _, free_after, _ = cuda_summary(torch)
     quant = model_cfg.get("quantization_config")
     bits = quant.get("bits") if isinstance(quant, dict) else None
     info = ModelInfo(
