@@ -813,7 +813,7 @@ def _exl3_dir(tiny_model: Path, tmp_path: Path, arch: str = "Qwen2ForCausalLM") 
 
 def _pretend_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(exl3_backend, "_cuda_summary", lambda _t: ("Fake GPU", 10.0, 16.0))
+    monkeypatch.setattr(exl3_backend, "cuda_summary", lambda _t: ("Fake GPU", 10.0, 16.0))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
 
 
