@@ -58,7 +58,7 @@ import numpy as np
 from exlsp.benchmarks import provenance
 from exlsp.completion.types import DocumentView
 from exlsp.index import service as service_module
-from exlsp.index import store as store_module
+from exlsp.index import table_indexes as store_module
 from exlsp.index.config import IndexConfig
 from exlsp.index.embed import Embedder, load_embedder
 from exlsp.index.retrieve import (

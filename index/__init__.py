@@ -7,5 +7,7 @@ Modules (nothing heavy is imported here):
   and its `ProgressEvent` / `IndexStats`;
 - `retrieve`: `WorkspaceRetriever`, the engine's `ContextSource`;
 - `cli`: `run_index` / `run_search` for ``exlsp index`` and ``exlsp search``;
-- `files`, `watch`, `chunk`, `lexical`, `embed`, `store`, `search`: the parts.
+- `files`, `watch`, `chunk`, `lexical`, `embed`, `store`, `search`: the parts;
+  `store`'s `ChunkStore` is built in layers: `storage` (the database's place),
+  `table` (schema and rows), `table_indexes`, `table_search`.
 """

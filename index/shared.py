@@ -176,11 +176,11 @@ class SharedOverlayStore(ChunkStore):
 
     def visible_rows(self, columns: Sequence[str]) -> pa.Table:
         """Every row a search can return: the overlay's and the unshadowed shared ones."""
-        local = self.table.search().select(list(columns)).limit(None).to_arrow()
+        local = self.all_rows(columns)
         shared = self.shared
         if shared is None:
             return local
-        rows = shared.table.search().select(list(columns)).limit(None).to_arrow()
+        rows = shared.all_rows(columns)
         keep = [p not in self._shadowed for p in rows["path"].to_pylist()]
         return pa.concat_tables([local, rows.filter(pa.array(keep, pa.bool_()))])
 

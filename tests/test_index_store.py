@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exlsp.index import store as store_module
+from exlsp.index import table_indexes as store_module
 from exlsp.index.chunk import Chunk
 from exlsp.index.store import ChunkStore, FileState, StoredChunk
 
