@@ -413,3 +413,40 @@ def test_a_newer_shared_version_is_taken_at_the_next_start(
         assert all("area_of_merged" not in h.text for h in restarted.search("area_of_merged"))
     finally:
         restarted.stop()
+
+
+def test_reopening_an_overlay_keeps_its_full_text_index(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The open-time index check reads the overlay's own table: it once searched
+    through the shared table too (not open yet), judged the index unusable and
+    rebuilt it at every open."""
+    from exlsp.index.chunk import Chunk
+    from exlsp.index.store import FileState
+
+    def chunks(path: str) -> list[Chunk]:
+        text = "def f():\n  return 1\n"
+        return [Chunk(f"{path}-1", path, "python", "f", "function", 0, 2, text)]
+
+    def overlay() -> SharedOverlayStore:
+        shared = ChunkStore(tmp_path / "shared", {"t": 1}, None, read_only=True)
+        return SharedOverlayStore(tmp_path / "local", {"t": 1}, None, shared)
+
+    shared = ChunkStore(tmp_path / "shared", {"t": 1}, None)
+    shared.open()
+    shared.replace_files({"a.py": (FileState("h", 0, 0), chunks("a.py"))}, new=True)
+    shared.ensure_indexes()
+    shared.close()
+    store = overlay()
+    store.open()
+    store.replace_files({"b.py": (FileState("h2", 0, 0), chunks("b.py"))})
+    store.ensure_indexes()
+    store.close()
+    with caplog.at_level(logging.WARNING):
+        store = overlay()
+        store.open()
+    try:
+        assert not [r for r in caplog.records if "unusable" in r.getMessage()]
+        assert sorted(h.path for h in store.search_lexical(["f"], 5)) == ["a.py", "b.py"]
+    finally:
+        store.close()
