@@ -40,6 +40,17 @@ MIN_GOOD_BPW = 4.0
 CACHE_TYPES = ("fp16", "q8", "q6", "q4", "fp32")
 
 
+def read_model_config(model_dir: Path) -> dict[str, Any]:
+    """A model folder's `config.json`; {} where it is missing, not JSON or not an object.
+
+    The one reader of it (tokenizer, FIM template, exllamav2, doctor, pull)."""
+    try:
+        data = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 @dataclass(frozen=True)
 class Exl2Repo:
     repo: str

@@ -62,6 +62,7 @@ from typing import Any
 
 from exlsp.completion.backends.base import GenerationJob, ModelInfo, common_prefix_length
 from exlsp.completion.config import ModelConfig
+from exlsp.completion.models import read_model_config
 from exlsp.completion.tokenizer import HfTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -233,14 +234,6 @@ def import_exllamav2(torch_module: Any | None = None) -> ModuleType:
 
 
 # --- model directory facts (no exllamav2 needed) ---------------------------------
-
-
-def read_model_config(model_dir: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
