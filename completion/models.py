@@ -35,10 +35,6 @@ HEADROOM = 0.10
 # Below this many bits per weight a model is recommended only when nothing better fits.
 MIN_GOOD_BPW = 4.0
 
-# Caches the backends keep: exllamav2's four types; the transformers backend's
-# unquantized cache (fp16 on a GPU, fp32 on a CPU).
-CACHE_TYPES = ("fp16", "q8", "q6", "q4", "fp32")
-
 
 def read_model_config(model_dir: Path) -> dict[str, Any]:
     """A model folder's `config.json`; {} where it is missing, not JSON or not an object.

@@ -110,15 +110,13 @@ def create_backend(model: ModelConfig) -> Backend:
             from exlsp.completion.backends.exllamav2_backend import load_exllamav2_backend
 
             return load_exllamav2_backend(dataclasses.replace(model, path=str(path)))
-        if model.backend == "instant":
-            from exlsp.completion.backends.instant import InstantBackend
+        from exlsp.completion.backends.instant import InstantBackend  # the last of BACKENDS
 
-            return InstantBackend(path)
+        return InstantBackend(path)
     except ModelLoadError:
         raise
     except Exception as e:
         raise ModelLoadError(f"cannot load {path} with {model.backend}: {e}") from e
-    raise ModelLoadError(f"the {model.backend} backend is not available in this version")
 
 
 def describe_model(model: ModelConfig) -> str:
