@@ -491,7 +491,7 @@ GPU_ENTRY_MODULES = (
 )
 # Third-party imports the GPU stages can do without (each guarded where it is imported).
 OPTIONAL_IMPORTS = {
-    "tree_sitter": "completion.assist_syntax: a missing grammar only turns hover/refactor off",
+    "tree_sitter": "completion.assist.syntax: a missing grammar only turns hover/refactor off",
 }
 NOT_ON_GPU_PATH = {
     # server/features/indexing.py imports these only with index.enabled, which the kit

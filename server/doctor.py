@@ -414,7 +414,7 @@ def _describe(model: ModelConfig) -> str:
 
 def _chain_rows(report: DoctorReport, model: ModelConfig, assist: ModelConfig | None) -> None:
     """The fallback chain and the assist model: named, their folders looked at, not loaded."""
-    from exlsp.completion.assist import read_chat_template
+    from exlsp.completion.assist.prompts import read_chat_template
     from exlsp.completion.config import fallback_chain
 
     for n, entry in enumerate(fallback_chain(model)[1:], 1):

@@ -17,7 +17,8 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams
 from pygls.uris import to_fs_path
 
-from exlsp.completion.assist import Assistant, AssistService
+from exlsp.completion.assist.assistant import Assistant
+from exlsp.completion.assist.service import AssistService
 from exlsp.completion.service import CompletionService
 from exlsp.completion.types import CompletionResult, DocumentView, Trigger
 from exlsp.server.config import LOG_FORMAT, Config, level_number

@@ -224,7 +224,7 @@ def verify(path: Path, assist: bool = False) -> tuple[str | None, str, str]:
 
     A completion model needs FIM tokens; an assist model needs a chat template (for
     explanations and refactors) or FIM tokens (docstrings only)."""
-    from exlsp.completion.assist import read_chat_template
+    from exlsp.completion.assist.prompts import read_chat_template
     from exlsp.completion.fim import UnknownFamily, detect_family
     from exlsp.completion.models import read_model_config
     from exlsp.completion.tokenizer import HfTokenizer

@@ -14,7 +14,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcException
 from pytest_lsp import ClientServerConfig, LanguageClient
 
-from exlsp.completion.assist_syntax import parse
+from exlsp.completion.assist.syntax import parse
 from tests.test_lsp_e2e import plain
 
 pytestmark = pytest.mark.e2e
