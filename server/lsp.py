@@ -11,7 +11,7 @@ import threading
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams
@@ -20,10 +20,13 @@ from pygls.uris import to_fs_path
 from exlsp.completion.assist.assistant import Assistant
 from exlsp.completion.assist.service import AssistService
 from exlsp.completion.service import CompletionService
-from exlsp.completion.types import CompletionResult, DocumentView, Trigger
+from exlsp.completion.types import CompletionResult, ContextSource, DocumentView, Trigger
 from exlsp.server.config import LOG_FORMAT, Config, level_number
 from exlsp.server.documents import DocumentStore, PositionError
 from exlsp.server.protocol import ExlspProtocol, ProtocolServer
+
+if TYPE_CHECKING:  # imported when indexing starts (numpy, lancedb)
+    from exlsp.index.service import WorkspaceIndex
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +79,9 @@ class ExlspServer(ProtocolServer):
         self.config = Config()
         self.service: CompletionService | None = None
         self.assist: AssistService | None = None  # the model behind hover and code actions
-        self.context_source: Any = None  # the index's retriever, when indexing
-        self.index: Any = None  # exlsp.index.service.WorkspaceIndex
+        # The index, when indexing, and its retriever: the engine's context source.
+        self.index: WorkspaceIndex | None = None
+        self.context_source: ContextSource | None = None
         self.index_changed = False
         self.initialized = False
         self.event_loop: asyncio.AbstractEventLoop | None = None

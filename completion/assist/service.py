@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from exlsp.completion.assist.assistant import Assistant
 from exlsp.completion.assist.prompts import read_chat_template
+from exlsp.completion.backends.base import Backend
 from exlsp.completion.config import ModelConfig
 from exlsp.completion.fim import FimTokens
 from exlsp.completion.worker import BackendWorker
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def model_dir(model: ModelConfig, backend: Any) -> Path | None:
+def model_dir(model: ModelConfig, backend: Backend) -> Path | None:
     """The loaded model's directory (its chat template); for a remote server, the
     tokenizer directory configured for it, if any (its `info.path` may be a name)."""
     if model.backend == "openai":
@@ -100,7 +101,7 @@ class AssistService:
         )
 
     @property
-    def backend(self) -> Any:
+    def backend(self) -> Backend | None:
         """The backend that serves hover and code actions now (None: none yet)."""
         if self._own is not None:
             return self._own.worker.backend
