@@ -56,7 +56,9 @@ class ExlspProtocol(LanguageServerProtocol):
         # The `shutdown` request's future, from its arrival: from then on only `exit` is served.
         self._shutdown_request: Any = None
 
-    # Plain calls, not pygls' generator hand-off: a didChange comes with every keystroke.
+    # pygls 2.1 keeps its own copy of each document (updated at every didChange) and
+    # hands the handler over through a generator; here the handler is called plainly
+    # and `ExlspServer.documents` is the one copy.
     @lsp_method(types.TEXT_DOCUMENT_DID_OPEN)
     def lsp_text_document__did_open(self, params: types.DidOpenTextDocumentParams) -> Any:
         if (handler := self.fm.features.get(types.TEXT_DOCUMENT_DID_OPEN)) is not None:

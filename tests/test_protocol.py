@@ -1,8 +1,11 @@
 """server/protocol.py: each override of pygls 2.1, driven in-process.
 
-Each test names the pygls behaviour that the override replaces and fails with
-pygls' own method. The transport's end-to-end side (pipes, files, `exit` in the
-same write as `shutdown`) is in test_transport.py and test_lifecycle.py.
+Each test names the pygls behaviour that the override replaces, and fails with
+pygls' own method instead. Covered elsewhere, end to end: `lsp_exit` (an `exit`
+in the same write as `shutdown`: test_lifecycle.py's
+test_shutdown_and_exit_in_one_write), `start_io` (test_transport.py),
+`start_tcp`'s one client (test_workspace_boundary.py). `_kind` only saves time
+per message (nothing to assert).
 """
 
 from __future__ import annotations
