@@ -13,7 +13,7 @@ from lsprotocol import types
 from exlsp.server.lsp import ExlspServer
 
 if TYPE_CHECKING:  # imported when indexing starts
-    from exlsp.index.status import ProgressEvent
+    from exlsp.index.service import ProgressEvent
 
 log = logging.getLogger(__name__)
 
