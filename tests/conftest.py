@@ -60,6 +60,7 @@ _E2E_NAMES = frozenset(
         "create_subprocess_exec",
         "create_subprocess_shell",
         "ensure_model",
+        "build_model",
         "ensure_llama_server",
         "pytest_lsp",
         "ClientServerConfig",
