@@ -24,14 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from exlsp.benchmarks import provenance
-from exlsp.completion.assist import (
-    Assistant,
-    CodeActionsConfig,
-    HoverConfig,
-    RefactorRefused,
-    assistant_for,
-)
-from exlsp.completion.assist_syntax import Span, parse
+from exlsp.completion.assist.assistant import Assistant, CodeActionsConfig, HoverConfig
+from exlsp.completion.assist.edits import RefactorRefused
+from exlsp.completion.assist.service import assistant_for
+from exlsp.completion.assist.syntax import Span, parse
 from exlsp.completion.config import CompletionConfig, EngineConfig, ModelConfig
 from exlsp.completion.service import CompletionService
 from exlsp.completion.typeahead import TypeAheadCache

@@ -39,15 +39,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from exlsp.completion.builtin_model import (  # the built-in model's facts, re-exported
+    BUILDER_VERSION,
+    DEFAULT_MODEL,
+    cache_dir,
+    model_dir_name,
+)
+
 if TYPE_CHECKING:
     import torch
     from tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-# Bump whenever a change alters the bytes of a build (tokenizer, init, training):
-# it is part of every cache directory name.
-BUILDER_VERSION = "2"
 
 TOKENIZER_VOCAB_SIZE = 4096
 CORPUS_MAX_BYTES = 3_000_000
@@ -315,23 +319,12 @@ SIZES: dict[str, ModelSize] = {
     ),
 }
 
-DEFAULT_MODEL: dict[str, Any] = dict(family="qwen2.5-coder", size="tiny", seed=0, train_steps=300)
 
 _DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
 # ---------------------------------------------------------------------------
 # cache directory and locking
-
-
-def cache_dir() -> Path:
-    """`$EXLSP_CACHE_DIR`, else the user cache directory for exlsp."""
-    env = os.environ.get("EXLSP_CACHE_DIR")
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("exlsp"))
 
 
 @contextlib.contextmanager
@@ -902,10 +895,6 @@ def build_model(
     (out / "exlsp-build.json").write_text(json.dumps(build_info, indent=2) + "\n", "utf-8")
     logger.info("built %s in %.1f s", out, time.perf_counter() - total_started)
     return out
-
-
-def model_dir_name(family: str, size: str, seed: int, train_steps: int) -> str:
-    return f"{family}-{size}-s{seed}-t{train_steps}-v{BUILDER_VERSION}"
 
 
 def ensure_model(

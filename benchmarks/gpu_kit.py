@@ -587,7 +587,7 @@ GPU_ENTRY_MODULES = (
 )
 # Third-party imports the GPU stages can do without (each guarded where it is imported).
 OPTIONAL_IMPORTS = {
-    "tree_sitter": "completion.assist_syntax: a missing grammar only turns hover/refactor off",
+    "tree_sitter": "completion.assist.syntax: a missing grammar only turns hover/refactor off",
 }
 NOT_ON_GPU_PATH = {
     # server/features/indexing.py imports these only with index.enabled, which the kit
@@ -1237,7 +1237,7 @@ def body_exl3_bench(out: Path, work: Path) -> int:
     The same keystrokes (a 4k-token prompt, then in-line typing, 32 tokens forced)
     through `decode()` on each backend in turn, then a restart of the exllamav3 backend
     on its disk page tier: the reused fraction of the first suggestion's prompt."""
-    from exlsp.completion.backends.exllamav2_backend import load_exllamav2_backend
+    from exlsp.completion.backends.exllamav2 import load_exllamav2_backend
     from exlsp.completion.backends.exllamav3 import load_exllamav3_backend
     from exlsp.completion.config import ModelConfig
 

@@ -57,8 +57,8 @@ import numpy as np
 
 from exlsp.benchmarks import provenance
 from exlsp.completion.types import DocumentView
-from exlsp.index import service as service_module
 from exlsp.index import table_indexes as store_module
+from exlsp.index import upkeep
 from exlsp.index.config import IndexConfig
 from exlsp.index.embed import Embedder, load_embedder
 from exlsp.index.retrieve import (
@@ -431,7 +431,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # 5. Full-scale hybrid latency with synthetic chunk vectors.
         if args.synthetic_vectors and embedder is not None and "synthetic" in sections:
-            service_module.EMBED_BATCH = service_module.MAX_EMBED_BATCH = 4096
+            upkeep.EMBED_BATCH = upkeep.MAX_EMBED_BATCH = 4096
             synthetic = SyntheticEmbedder(embedder)
             cfg = IndexConfig(databaseDir=str(work / "db-synthetic"))
             index, info = build(root, cfg, embedder=synthetic)

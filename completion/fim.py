@@ -8,11 +8,10 @@ FIM marker written in the user's file stays plain text.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from exlsp.completion.models import read_model_config
 from exlsp.completion.tokenizer import Tokenizer
 
 
@@ -137,11 +136,7 @@ class UnknownFamily(ValueError):
 def _architectures(model_dir: Path | None) -> tuple[str, ...]:
     if model_dir is None:
         return ()
-    try:
-        cfg: Any = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return ()
-    archs = cfg.get("architectures") if isinstance(cfg, dict) else None
+    archs = read_model_config(model_dir).get("architectures")
     return tuple(a for a in archs if isinstance(a, str)) if isinstance(archs, list) else ()
 
 

@@ -45,9 +45,16 @@ EXL3_FAMILIES = frozenset({"qwen2.5-coder", "deepseek-coder", "codellama", "code
 EXL3_CONVERT_BITS = (8.0, 6.0, 5.0, 4.0, 3.0)
 EXL3_HEAD_BITS = 6.0
 
-# Caches the backends keep: exllamav2's four types; the transformers backend's
-# unquantized cache (fp16 on a GPU, fp32 on a CPU).
-CACHE_TYPES = ("fp16", "q8", "q6", "q4", "fp32")
+
+def read_model_config(model_dir: Path) -> dict[str, Any]:
+    """A model folder's `config.json`; {} where it is missing, not JSON or not an object.
+
+    The one reader of it (tokenizer, FIM template, exllamav2, doctor, pull)."""
+    try:
+        data = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 @dataclass(frozen=True)

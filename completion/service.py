@@ -15,6 +15,7 @@ from pathlib import Path
 
 from exlsp.completion.acceptance import AcceptanceStats
 from exlsp.completion.backends.base import Backend, BackendUnavailable, is_fatal
+from exlsp.completion.builtin_model import default_model_dir
 from exlsp.completion.config import (
     CompletionConfig,
     EngineConfig,
@@ -40,14 +41,6 @@ class ModelLoadError(RuntimeError):
     """The configured model cannot be served; the message is shown to the user."""
 
 
-# The built-in default model ships in the package (benchmarks/train_default_model.py).
-SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
-
-
-def shipped_model_dir() -> Path | None:
-    return SHIPPED_MODEL_DIR if (SHIPPED_MODEL_DIR / "config.json").is_file() else None
-
-
 def resolve_model_dir(model: ModelConfig) -> Path:
     if model.path:
         path = Path(model.path).expanduser()
@@ -58,11 +51,6 @@ def resolve_model_dir(model: ModelConfig) -> Path:
         return path
     # No model configured: the built-in default model, shipped in the package; an
     # install without it builds a tiny stand-in locally on first use.
-    shipped = shipped_model_dir()
-    if shipped is not None:
-        return shipped
-    from exlsp.benchmarks.build_model import default_model_dir
-
     return default_model_dir()
 
 
@@ -126,15 +114,13 @@ def create_backend(model: ModelConfig) -> Backend:
             from exlsp.completion.backends.exllamav3 import load_exllamav3_backend
 
             return load_exllamav3_backend(dataclasses.replace(model, path=str(path)))
-        if model.backend == "instant":
-            from exlsp.completion.backends.instant import InstantBackend
+        from exlsp.completion.backends.instant import InstantBackend  # the last of BACKENDS
 
-            return InstantBackend(path)
+        return InstantBackend(path)
     except ModelLoadError:
         raise
     except Exception as e:
         raise ModelLoadError(f"cannot load {path} with {model.backend}: {e}") from e
-    raise ModelLoadError(f"the {model.backend} backend is not available in this version")
 
 
 def describe_model(model: ModelConfig) -> str:

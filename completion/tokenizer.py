@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 from tokenizers import Tokenizer as _RustTokenizer
 
+from exlsp.completion.models import read_model_config
+
 
 class Tokenizer(Protocol):
     bos_id: int | None
@@ -56,7 +58,7 @@ class HfTokenizer:
         self._tok = _RustTokenizer.from_file(str(path))
         self._tok.encode_special_tokens = True  # user text never becomes a control token
         tok_cfg = _read_json(model_dir / "tokenizer_config.json")
-        model_cfg = _read_json(model_dir / "config.json")
+        model_cfg = read_model_config(model_dir)
 
         specials = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
         self.special_tokens: frozenset[str] = frozenset(specials)

@@ -21,7 +21,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from exlsp.completion.assist import CodeActionsConfig, HoverConfig
+from exlsp.completion.assist.assistant import CodeActionsConfig, HoverConfig
 from exlsp.completion.config import (
     API_KEY_ENV_PREFIX,
     AssistModelConfig,

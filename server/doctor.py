@@ -25,11 +25,12 @@ from exlsp.completion.backends.exllamav2 import (
     extension_build_dir,
     find_stale_extension_lock,
     import_exllamav2,
-    read_model_config,
     safetensors_parameter_count,
 )
+from exlsp.completion.builtin_model import built_model_dir, shipped_model_dir
 from exlsp.completion.config import ModelConfig
 from exlsp.completion.decode import decode
+from exlsp.completion.models import read_model_config
 
 NOT_INSTALLED = "not installed"
 
@@ -204,14 +205,11 @@ def _exllamav3_rows(report: DoctorReport, has_gpu: bool) -> None:
 
 
 def _default_model_dir() -> tuple[Path | None, str]:
-    from exlsp.benchmarks.build_model import DEFAULT_MODEL, cache_dir, model_dir_name
-    from exlsp.completion.service import shipped_model_dir
-
     shipped = shipped_model_dir()
     if shipped is not None:
         return shipped, f"{shipped} (built-in default, shipped)"
 
-    path = cache_dir() / "models" / model_dir_name(**DEFAULT_MODEL)
+    path = built_model_dir()
     return (
         (path, f"{path} (built-in default)")
         if path.is_dir()
@@ -466,7 +464,7 @@ def _describe(model: ModelConfig) -> str:
 
 def _chain_rows(report: DoctorReport, model: ModelConfig, assist: ModelConfig | None) -> None:
     """The fallback chain and the assist model: named, their folders looked at, not loaded."""
-    from exlsp.completion.assist import read_chat_template
+    from exlsp.completion.assist.prompts import read_chat_template
     from exlsp.completion.config import fallback_chain
 
     for n, entry in enumerate(fallback_chain(model)[1:], 1):

@@ -14,7 +14,6 @@ is it written to the user configuration file as `model.path` and `model.backend`
 from __future__ import annotations
 
 import errno
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +59,7 @@ class PullResult:
 
 
 def models_dir() -> Path:
-    from exlsp.benchmarks.build_model import cache_dir
+    from exlsp.completion.builtin_model import cache_dir
 
     return cache_dir() / "models"
 
@@ -225,17 +224,15 @@ def verify(path: Path, assist: bool = False) -> tuple[str | None, str, str]:
 
     A completion model needs FIM tokens; an assist model needs a chat template (for
     explanations and refactors) or FIM tokens (docstrings only)."""
-    from exlsp.completion.assist import read_chat_template
+    from exlsp.completion.assist.prompts import read_chat_template
     from exlsp.completion.fim import UnknownFamily, detect_family
+    from exlsp.completion.models import read_model_config
     from exlsp.completion.tokenizer import HfTokenizer
 
-    try:
-        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PullError(f"no config.json in {path}: not a transformers model folder") from None
-    except ValueError as e:
-        raise PullError(f"{path / 'config.json'} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
+    if not (path / "config.json").is_file():
+        raise PullError(f"no config.json in {path}: not a transformers model folder")
+    cfg = read_model_config(path)
+    if not cfg:
         raise PullError(f"{path / 'config.json'} is not a JSON object")
     quantization, backend = _quantization(cfg)
     try:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,3 +41,77 @@ def trained_model() -> Path:
     from exlsp.benchmarks.build_model import DEFAULT_MODEL, ensure_model
 
     return ensure_model(**DEFAULT_MODEL)
+
+
+# -- test layers ------------------------------------------------------------------
+#
+# `-m unit` (the same as `-m "not e2e and not slow and not gpu"`) runs in well under a
+# minute. A test is marked `e2e` here, without a hand-written marker, when it or any
+# fixture or tests/ helper it reaches spawns a process (`exlsp serve`, llama-server,
+# nvim, node, a script) or builds a tiny model (the first build takes minutes).
+
+# Fixtures that build a model or start a server process.
+_E2E_FIXTURES = frozenset({"tiny_model", "trained_model", "lsp_client"})
+# Names whose use means a process is started or a model built.
+_E2E_NAMES = frozenset(
+    {
+        "subprocess",
+        "Popen",
+        "create_subprocess_exec",
+        "create_subprocess_shell",
+        "ensure_model",
+        "build_model",
+        "ensure_llama_server",
+        "pytest_lsp",
+        "ClientServerConfig",
+    }
+)
+
+
+def _names(code: types.CodeType) -> Iterator[str]:
+    yield from code.co_names
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _names(const)
+
+
+def _spawns(obj: object, seen: set[int]) -> bool:
+    """Whether a test, fixture or tests/ helper (followed through the names it uses
+    from its module, to any depth) starts a process or builds a model."""
+    if id(obj) in seen:
+        return False
+    seen.add(id(obj))
+    if isinstance(obj, type):
+        return any(_spawns(v, seen) for v in vars(obj).values() if inspect.isfunction(v))
+    func = inspect.unwrap(obj) if callable(obj) else obj  # type: ignore[arg-type]
+    code = getattr(func, "__code__", None)
+    if code is None:
+        return False
+    scope = getattr(func, "__globals__", {})
+    for name in _names(code):
+        if name in _E2E_NAMES:
+            return True
+        target = scope.get(name)
+        module = getattr(target, "__module__", None) or ""
+        if (
+            (inspect.isfunction(target) or isinstance(target, type))
+            and (module.startswith("tests.") or module == scope.get("__name__"))
+            and _spawns(target, seen)
+        ):
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if not isinstance(item, pytest.Function):
+            continue
+        fixtures = item._fixtureinfo.name2fixturedefs
+        if item.get_closest_marker("e2e") is None and (
+            _E2E_FIXTURES.intersection(item.fixturenames)
+            or _spawns(item.obj, set())
+            or any(_spawns(d.func, set()) for defs in fixtures.values() for d in defs)
+        ):
+            item.add_marker(pytest.mark.e2e)
+        if not any(item.get_closest_marker(m) for m in ("e2e", "slow", "gpu")):
+            item.add_marker(pytest.mark.unit)

@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from exlsp.index import service  # noqa: E402
+from exlsp.index import upkeep  # noqa: E402
 from exlsp.index.config import IndexConfig  # noqa: E402
 from exlsp.index.service import WorkspaceIndex  # noqa: E402
 from exlsp.index.watch import ChangeKind  # noqa: E402
@@ -30,10 +30,10 @@ def main() -> None:
     root, db, seed = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     rng = random.Random(seed)
     # Compaction, index updates and cleanup often, to be killed in them too.
-    service.OPTIMIZE_AFTER_COMMITS = 3
-    service.OPTIMIZE_AFTER_ROWS = 16
-    service.OPTIMIZE_BACKLOG_S = 0.0
-    service.EMBED_BATCH = service.MAX_EMBED_BATCH = 8
+    upkeep.OPTIMIZE_AFTER_COMMITS = 3
+    upkeep.OPTIMIZE_AFTER_ROWS = 16
+    upkeep.OPTIMIZE_BACKLOG_S = 0.0
+    upkeep.EMBED_BATCH = upkeep.MAX_EMBED_BATCH = 8
     config = IndexConfig(embeddingModel="none", databaseDir=db, debounceMs=0)
     index = WorkspaceIndex(root, config, use_watchdog=False, embedder=FakeEmbedder(16))
     index.start()

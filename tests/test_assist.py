@@ -9,26 +9,24 @@ from pathlib import Path
 
 import pytest
 
-from exlsp.completion.assist import (
-    ELLIPSIS,
-    Assistant,
-    CodeActionsConfig,
-    HoverConfig,
+from exlsp.completion.assist.assistant import ELLIPSIS, Assistant, CodeActionsConfig, HoverConfig
+from exlsp.completion.assist.edits import (
     RefactorRefused,
     apply_edit,
     available_refactors,
     check_parses,
+    minimal_edit,
+    rewrite_edit,
+)
+from exlsp.completion.assist.prompts import (
     clean_docstring,
     docstring_slot,
     extract_code,
     fim_docstring_prompt,
-    hover_target,
-    minimal_edit,
     read_chat_template,
     render_chat,
-    rewrite_edit,
 )
-from exlsp.completion.assist_syntax import ParsedDocument, Span, parse
+from exlsp.completion.assist.syntax import ParsedDocument, Span, hover_target, parse
 from exlsp.completion.backends.base import GenerationJob
 from exlsp.completion.fim import TEMPLATES, FimTokens
 from exlsp.completion.worker import BackendWorker
@@ -439,7 +437,7 @@ async def test_refactor_cut_by_the_deadline_is_refused() -> None:
 
 
 async def test_documents_too_large_to_parse_get_no_hover_and_no_refactors() -> None:
-    from exlsp.completion.assist_syntax import MAX_PARSE_CHARS
+    from exlsp.completion.assist.syntax import MAX_PARSE_CHARS
 
     filler = "# " + "x" * 97 + "\n"
     lines = lines_of(SOURCE) + [filler] * (MAX_PARSE_CHARS // len(filler) + 1)

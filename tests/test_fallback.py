@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from exlsp.completion import service as service_module
-from exlsp.completion.assist import AssistService, HoverConfig
+from exlsp.completion.assist.assistant import HoverConfig
+from exlsp.completion.assist.service import AssistService
 from exlsp.completion.backends.base import BackendDied, GenerationJob, ModelInfo
 from exlsp.completion.config import (
     AssistModelConfig,
@@ -408,7 +409,7 @@ async def test_the_shared_assistant_follows_a_fallback(backends, services, tmp_p
 
 
 def test_a_remote_models_chat_template_comes_only_from_its_tokenizer_folder(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from exlsp.completion.assist import model_dir
+    from exlsp.completion.assist.service import model_dir
 
     named = scripted("", path="tiny-instruct")  # a served model's name, not a folder
     assert model_dir(ModelConfig(backend="openai"), named) is None

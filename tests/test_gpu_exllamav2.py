@@ -32,12 +32,12 @@ from exlsp.completion.backends.exllamav2 import (
     import_exllamav2,
     kv_cache_bytes,
     load_exllamav2_backend,
-    read_model_config,
     round_seq_len,
 )
 from exlsp.completion.backends.gpu import GpuOutOfMemoryError
 from exlsp.completion.config import ModelConfig
 from exlsp.completion.decode import decode
+from exlsp.completion.models import read_model_config
 from exlsp.completion.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.gpu

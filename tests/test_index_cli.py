@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exlsp.index import service
+from exlsp.index import service, upkeep
 from exlsp.index.cli import run_index, run_search
 from exlsp.index.store import ChunkStore
 from tests.index_helpers import FakeEmbedder, config_for, write_workspace
@@ -51,7 +51,7 @@ class SlowLoadingEmbedder(FakeEmbedder):
 def fake_model(monkeypatch: pytest.MonkeyPatch, embedder: type[FakeEmbedder]) -> None:
     monkeypatch.setattr(service, "resolve_model", lambda config: ("fake-slow", Path("/nowhere")))
     monkeypatch.setattr(service, "peek_dimension", lambda directory: 64)
-    monkeypatch.setattr(service, "load_embedder", lambda config: embedder())
+    monkeypatch.setattr(upkeep, "load_embedder", lambda config: embedder())
 
 
 def test_search_after_index_uses_vectors(

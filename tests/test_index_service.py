@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from exlsp.index import scan
 from exlsp.index import service as service_module
 from exlsp.index.chunk import Chunker
 from exlsp.index.files import Verdict, WorkspaceFiles
@@ -312,8 +313,8 @@ def test_secret_files_edits_are_not_kept(started: WorkspaceIndex, root: Path) ->
 def test_heavy_work_waits_while_completions_run(
     root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(service_module, "YIELD_MAX_S", 60.0)
-    for n in range(3 * service_module.YIELD_EVERY_FILES):
+    monkeypatch.setattr(scan, "YIELD_MAX_S", 60.0)
+    for n in range(3 * scan.YIELD_EVERY_FILES):
         write(root / "many" / f"mod_{n}.py", f"def many_{n}(x):\n    return x * {n}\n")
     busy = threading.Event()
     busy.set()

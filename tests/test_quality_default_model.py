@@ -11,13 +11,9 @@ from pathlib import Path
 import pytest
 
 from exlsp.benchmarks import train_default_model as tdm
+from exlsp.completion.builtin_model import shipped_model_dir
 from exlsp.completion.config import CompletionConfig, EngineConfig, ModelConfig
-from exlsp.completion.service import (
-    CompletionService,
-    fit_budgets,
-    resolve_model_dir,
-    shipped_model_dir,
-)
+from exlsp.completion.service import CompletionService, fit_budgets, resolve_model_dir
 from exlsp.completion.types import CompletionRequest, DocumentView
 
 ROOT = Path(__file__).resolve().parent.parent

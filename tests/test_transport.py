@@ -91,69 +91,6 @@ def test_eof_inside_a_message_ends_the_server(tmp_path: Path) -> None:
     assert "capabilities" in responses(proc.stdout)[1]["result"]  # type: ignore[operator]
 
 
-def test_handled_notifications_leave_no_futures_behind() -> None:
-    """pygls files a future for each notification handled through a generator or a
-    coroutine and never drops it: one per keystroke, for the life of the server."""
-    import asyncio
-
-    from exlsp.server.lsp import build_server
-
-    server = build_server()
-    protocol = server.protocol
-    written: list[bytes] = []
-
-    class Writer:
-        def write(self, data: bytes) -> None:
-            written.append(data)
-
-        def close(self) -> None:
-            pass
-
-    protocol.set_writer(Writer())
-    uri = "file:///w/a.py"
-    messages: list[dict[str, Any]] = [
-        {
-            "jsonrpc": "2.0",
-            "method": "textDocument/didOpen",
-            "params": {
-                "textDocument": {
-                    "uri": uri,
-                    "languageId": "python",
-                    "version": 1,
-                    "text": "x = 1\n",
-                }
-            },
-        }
-    ]
-    for i in range(40):
-        point = {"line": 0, "character": 5 + i}
-        messages.append(
-            {
-                "jsonrpc": "2.0",
-                "method": "textDocument/didChange",
-                "params": {
-                    "textDocument": {"uri": uri, "version": i + 2},
-                    "contentChanges": [{"range": {"start": point, "end": point}, "text": "2"}],
-                },
-            }
-        )
-    # A builtin notification that pygls runs as a generator, and an unknown one.
-    messages.append({"jsonrpc": "2.0", "method": "$/setTrace", "params": {"value": "off"}})
-    messages.append({"jsonrpc": "2.0", "method": "exlsp/nothing", "params": {}})
-
-    async def run() -> None:
-        for message in messages:
-            protocol.handle_message(
-                json.loads(json.dumps(message), object_hook=protocol.structure_message)
-            )
-            await asyncio.sleep(0)
-
-    asyncio.run(run())
-    doc = server.documents.get(uri)
-    assert doc is not None and doc.text == "x = 1" + "2" * 40 + "\n"
-    assert protocol._request_futures == {}
-
-
 def test_a_model_reload_lets_the_frozen_old_model_be_collected() -> None:
     """After a load the server freezes the heap (gc.freeze) so full collections skip
     the model; a reload must unfreeze it, or the old model's reference cycles (and

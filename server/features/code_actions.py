@@ -18,13 +18,9 @@ from typing import Any
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException
 
-from exlsp.completion.assist import (
-    CodeActionsConfig,
-    RefactorRefused,
-    TextEdit,
-    available_refactors,
-)
-from exlsp.completion.assist_syntax import Span, parse
+from exlsp.completion.assist.assistant import CodeActionsConfig
+from exlsp.completion.assist.edits import RefactorRefused, TextEdit, available_refactors
+from exlsp.completion.assist.syntax import Span, parse
 from exlsp.server.documents import Document, PositionError
 from exlsp.server.features.hover import lsp_range
 from exlsp.server.lsp import ExlspServer

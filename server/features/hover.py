@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from lsprotocol import types
 
-from exlsp.completion.assist import HoverConfig
-from exlsp.completion.assist_syntax import Span
+from exlsp.completion.assist.assistant import HoverConfig
+from exlsp.completion.assist.syntax import Span
 from exlsp.server.documents import line_body, to_units
 from exlsp.server.lsp import ExlspServer
 

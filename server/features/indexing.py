@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 from lsprotocol import types
 
 from exlsp.server.lsp import ExlspServer
+
+if TYPE_CHECKING:  # imported when indexing starts
+    from exlsp.index.service import ProgressEvent
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ class ProgressReporter:
         )
         self._tokens: dict[str, str] = {}
 
-    def __call__(self, event: Any) -> None:
+    def __call__(self, event: ProgressEvent) -> None:
         if self.loop.is_closed():
             return
         if event.kind == "end":
@@ -51,7 +54,7 @@ class ProgressReporter:
         if self.supported:
             self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._send(event)))
 
-    async def _send(self, event: Any) -> None:
+    async def _send(self, event: ProgressEvent) -> None:
         progress = self.ls.work_done_progress
         try:
             if event.kind == "begin":
@@ -117,6 +120,11 @@ async def start_index(ls: ExlspServer) -> None:
             log.warning("the client refused file watching (%s); using watchdog", e)
             editor_events = False
     reporter = ProgressReporter(ls, asyncio.get_running_loop())
+
+    def failed(reason: str) -> None:  # on the index thread
+        message = f"exlsp: indexing failed: {reason}"
+        reporter.loop.call_soon_threadsafe(ls.show_once, message, types.MessageType.Warning)
+
     try:
         index = WorkspaceIndex(
             root,
@@ -124,9 +132,7 @@ async def start_index(ls: ExlspServer) -> None:
             reporter,
             use_watchdog=not editor_events,
             busy=lambda: _completions_busy(ls),
-            on_failure=lambda reason: reporter.loop.call_soon_threadsafe(
-                ls.show_once, f"exlsp: indexing failed: {reason}", types.MessageType.Warning
-            ),
+            on_failure=failed,
         )
         index.start()
     except Exception as e:

@@ -11,7 +11,6 @@ from exlsp.completion.backends.exllamav2.extension import (
 from exlsp.completion.backends.exllamav2.loader import load_exllamav2_backend
 from exlsp.completion.backends.exllamav2.model_dir import (
     kv_cache_bytes,
-    read_model_config,
     read_safetensors_header,
     round_seq_len,
     safetensors_parameter_count,
@@ -28,7 +27,6 @@ __all__ = [
     "import_exllamav2",
     "kv_cache_bytes",
     "load_exllamav2_backend",
-    "read_model_config",
     "read_safetensors_header",
     "round_seq_len",
     "safetensors_parameter_count",

@@ -15,7 +15,6 @@ from exlsp.completion.backends.exllamav2.backend import ExLlamaV2Backend
 from exlsp.completion.backends.exllamav2.extension import ExLlamaV2LoadError, import_exllamav2
 from exlsp.completion.backends.exllamav2.model_dir import (
     kv_cache_bytes,
-    read_model_config,
     round_seq_len,
     safetensors_parameter_count,
     weights_bytes,
@@ -27,6 +26,7 @@ from exlsp.completion.backends.gpu import (
     release_cuda,
 )
 from exlsp.completion.config import ModelConfig
+from exlsp.completion.models import read_model_config
 from exlsp.completion.tokenizer import HfTokenizer
 
 log = logging.getLogger(__name__)

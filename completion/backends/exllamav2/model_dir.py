@@ -13,14 +13,6 @@ SEQ_LEN_MULTIPLE = 256  # the dynamic generator's page size; Q caches align to i
 _CACHE_BYTES_PER_KV_PAIR = {"fp16": 4.0, "q8": 2.0 + 4 / 32, "q6": 1.5 + 4 / 32, "q4": 1.0 + 4 / 32}
 
 
-def read_model_config(model_dir: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def read_safetensors_header(path: Path) -> dict[str, Any]:
     """The JSON header of a .safetensors file (tensor names, dtypes, shapes)."""
     with path.open("rb") as f:

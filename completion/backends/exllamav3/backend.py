@@ -61,7 +61,6 @@ from typing import Any
 from exlsp.completion.backends.base import GenerationJob, ModelInfo
 from exlsp.completion.backends.exllamav2.model_dir import (
     kv_cache_bytes,
-    read_model_config,
     round_seq_len,
     weights_bytes,
 )
@@ -72,6 +71,7 @@ from exlsp.completion.backends.gpu import (
     release_cuda,
 )
 from exlsp.completion.config import ModelConfig
+from exlsp.completion.models import read_model_config
 from exlsp.completion.tokenizer import HfTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)

@@ -312,3 +312,22 @@ def parse(lines: Sequence[str], language: str) -> ParsedDocument | None:
 
 
 _recent: dict[tuple[str, str], ParsedDocument] = {}
+
+
+def hover_target(doc: ParsedDocument, line: int, char: int) -> tuple[Definition, Span, str] | None:
+    """What a hover at (line, char) explains: (definition, range to highlight, symbol).
+
+    On an identifier defined in this file: that definition. Otherwise the
+    innermost definition around the position.
+    """
+    ident = doc.identifier_at(line, char)
+    here = Span(line, char, line, char)
+    if ident is not None:
+        name, span = ident
+        definition = doc.definition_named(name)
+        if definition is not None:
+            return definition, span, name
+        around = doc.definition_at(span)
+        return (around, span, name) if around is not None else None
+    around = doc.definition_at(here)
+    return (around, around.span, "") if around is not None else None
