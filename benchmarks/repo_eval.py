@@ -240,7 +240,7 @@ async def evaluate_model(
     if service.state != "ready" or service.engine is None:
         raise RuntimeError(f"model {model or 'default'} failed to load: {service.error}")
     texts: dict[str, str] = {}
-    records = []
+    records: list[dict[str, Any]] = []
     try:
         for n, task in enumerate(tasks):
             text = texts.get(task.path)

@@ -196,8 +196,9 @@ class FimTokens:
         bos = None
         if template.bos:
             bos = tokenizer.bos_id
-            if bos is None and getattr(tokenizer, "bos_token", None):
-                bos = tokenizer.token_to_id(tokenizer.bos_token)
+            bos_token = getattr(tokenizer, "bos_token", None)
+            if bos is None and bos_token:
+                bos = tokenizer.token_to_id(bos_token)
         return cls(
             template=template,
             prefix=need(template.prefix),

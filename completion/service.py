@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -189,7 +190,7 @@ class CompletionService:
             t0 = time.perf_counter()
             worker = self.worker = BackendWorker(model.backend)
             try:
-                backend = await worker.load(lambda model=model: create_backend(model))
+                backend = await worker.load(functools.partial(create_backend, model))
                 fim = resolve_template(
                     model.fimTemplate, backend.tokenizer, Path(backend.info.path)
                 )
@@ -206,7 +207,7 @@ class CompletionService:
             if self.worker is not worker:  # closed meanwhile
                 await asyncio.to_thread(worker.close)
                 return
-            worker.on_fatal = lambda e, w=worker: loop.call_soon_threadsafe(self._died, w, e)
+            worker.on_fatal = functools.partial(self._died_on_thread, loop, worker)
             self.context_length = backend.info.context_length
             self.engine = CompletionEngine(
                 worker,
@@ -234,6 +235,11 @@ class CompletionService:
             if len(self.chain) == 1
             else "no model could be served: " + "; ".join(self.failures)
         )
+
+    def _died_on_thread(
+        self, loop: asyncio.AbstractEventLoop, worker: BackendWorker, error: BaseException
+    ) -> None:
+        loop.call_soon_threadsafe(self._died, worker, error)
 
     def _died(self, worker: BackendWorker, error: BaseException) -> None:
         """A fatal error on `worker`: serve with the next model of the chain."""

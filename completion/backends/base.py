@@ -81,9 +81,13 @@ class ModelInfo:
 
 
 class Backend(Protocol):
-    name: str
-    tokenizer: Tokenizer
-    info: ModelInfo
+    # Read-only: a backend may hold a narrower tokenizer (HfTokenizer).
+    @property
+    def name(self) -> str: ...
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+    @property
+    def info(self) -> ModelInfo: ...
 
     def start(self, job: GenerationJob) -> Any:
         """A `decode.Run` for `job.prompt` on the KV cache (its common prefix kept)."""
