@@ -64,11 +64,19 @@ class Language:
     char_literals: bool = False
     blocks: BlockStyle = "braces"
     grammar: Grammar | None = None
+    # The marker of documentation comments above a definition where it differs
+    # from the line comment (Rust's `///`).
+    doc_line_comment: str = ""
 
     @property
     def comment(self) -> str:
         """The line-comment marker to write; "//" where the language has none known."""
         return self.line_comments[0] if self.line_comments else "//"
+
+    @property
+    def doc_comment(self) -> str:
+        """The marker of documentation comments written above a definition."""
+        return self.doc_line_comment or self.comment
 
 
 _HASH = ("#",)
@@ -107,7 +115,13 @@ LANGUAGES: tuple[Language, ...] = (
     _slash("typescript", ".ts", ".mts", ".cts", quotes=_BACKTICK, grammar=_TS),
     _slash("typescriptreact", ".tsx", quotes=_BACKTICK, grammar=_TSX),
     _slash("go", ".go", quotes=_BACKTICK, grammar=Grammar("tree_sitter_go")),
-    _slash("rust", ".rs", char_literals=True, grammar=Grammar("tree_sitter_rust")),
+    _slash(
+        "rust",
+        ".rs",
+        char_literals=True,
+        grammar=Grammar("tree_sitter_rust"),
+        doc_line_comment="///",
+    ),
     _slash("java", ".java", grammar=Grammar("tree_sitter_java")),
     _slash("c", ".c", ".h", grammar=Grammar("tree_sitter_c")),
     _slash(

@@ -27,3 +27,12 @@ def test_every_comment_the_prompt_writes_is_one_the_scanner_skips() -> None:
         ctx = FilterContext("f(", ")", language=lang.id, multiline=False)
         text = f"x {lang.comment} 1) y\n"
         assert unmatched_bracket(text, ctx) == text, lang.id
+
+
+def test_documentation_comment_markers() -> None:
+    from exlsp.completion.languages import language
+
+    assert language("rust").doc_comment == "///"
+    assert language("go").doc_comment == "//"
+    assert language("ruby").doc_comment == "#"
+    assert language("no-such-language").doc_comment == "//"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from exlsp.completion.assist.prompts import DocstringSlot, indent_of
 from exlsp.completion.assist.syntax import Definition, ParsedDocument, Span, parse
+from exlsp.completion.types import line_body
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def minimal_edit(old: str, new: str, first_line: int) -> TextEdit | None:
 
 def apply_edit(lines: Sequence[str], edit: TextEdit) -> list[str]:
     """Line bodies after `edit` (for checking)."""
-    bodies = [line.rstrip("\r\n") for line in lines]
+    bodies = [line_body(line) for line in lines]
     s, e = edit.span, edit.span
     head = bodies[s.start_line][: s.start_char] if s.start_line < len(bodies) else ""
     tail = bodies[e.end_line][e.end_char :] if e.end_line < len(bodies) else ""

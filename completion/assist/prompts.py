@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from exlsp.completion import languages
 from exlsp.completion.assist.syntax import Definition, ParsedDocument
 from exlsp.completion.fim import FimTokens
 from exlsp.completion.tokenizer import Tokenizer
@@ -157,8 +158,6 @@ def refactor_messages(
     ]
 
 
-# Comment markers for the FIM docstring prompt of languages without docstrings.
-_LINE_COMMENTS = {"rust": "///", "python": "#"}
 _CONTEXT_LINES = 60  # lines above a definition shown to the FIM prompt
 
 
@@ -196,7 +195,7 @@ def docstring_slot(doc: ParsedDocument, definition: Definition) -> DocstringSlot
             marker='"""',
             replace=(start, end),
         )
-    marker = _LINE_COMMENTS.get(doc.language, "//")
+    marker = languages.language(doc.language).doc_comment
     indent = indent_of(doc.lines[start])
     # Comments right above the definition are its documentation: they get replaced.
     top = start

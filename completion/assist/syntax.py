@@ -12,27 +12,15 @@ of that language is first parsed.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-log = logging.getLogger(__name__)
+from exlsp.completion.languages import tree_sitter_language
+from exlsp.completion.types import line_body
 
-# LSP language id -> (grammar module, function returning the language pointer).
-_GRAMMARS: dict[str, tuple[str, str]] = {
-    "python": ("tree_sitter_python", "language"),
-    "javascript": ("tree_sitter_javascript", "language"),
-    "javascriptreact": ("tree_sitter_javascript", "language"),
-    "typescript": ("tree_sitter_typescript", "language_typescript"),
-    "typescriptreact": ("tree_sitter_typescript", "language_tsx"),
-    "go": ("tree_sitter_go", "language"),
-    "rust": ("tree_sitter_rust", "language"),
-    "java": ("tree_sitter_java", "language"),
-    "c": ("tree_sitter_c", "language"),
-    "cpp": ("tree_sitter_cpp", "language"),
-}
+log = logging.getLogger(__name__)
 
 # Definition node types -> "function" or "class" (one table: node names do not clash).
 _DEFINITIONS: dict[str, str] = {
@@ -69,38 +57,20 @@ _IDENTIFIERS = frozenset(
 )
 
 _parsers: dict[str, Any] = {}
-_failed: set[str] = set()
-
-
-def supports(language: str) -> bool:
-    return language in _GRAMMARS
 
 
 def _parser(language: str) -> Any | None:
-    if language in _parsers:
-        return _parsers[language]
-    if language in _failed or language not in _GRAMMARS:
-        return None
-    module_name, function = _GRAMMARS[language]
-    try:
+    """A parser for `language` (its grammar from the language table); None without one:
+    a missing grammar means no hover or refactor for that language."""
+    parser = _parsers.get(language)
+    if parser is None:
+        grammar = tree_sitter_language(language)
+        if grammar is None:
+            return None
         import tree_sitter
 
-        module = importlib.import_module(module_name)
-        parser = tree_sitter.Parser(tree_sitter.Language(getattr(module, function)()))
-    except Exception as e:  # a missing grammar means no hover/refactor for that language
-        log.warning("no tree-sitter grammar for %s: %s", language, e)
-        _failed.add(language)
-        return None
-    _parsers[language] = parser
+        parser = _parsers[language] = tree_sitter.Parser(grammar)
     return parser
-
-
-def _body(line: str) -> str:
-    if line.endswith("\r\n"):
-        return line[:-2]
-    if line.endswith(("\n", "\r")):
-        return line[:-1]
-    return line
 
 
 @dataclass(frozen=True, order=True)
@@ -141,7 +111,7 @@ class ParsedDocument:
 
     def __init__(self, lines: Sequence[str], language: str, tree: Any) -> None:
         self.language = language
-        self.lines = [_body(s) for s in lines]
+        self.lines = [line_body(s) for s in lines]
         self._bytes = [s.encode("utf-8", "surrogatepass") for s in self.lines]
         self.tree = tree
 
@@ -299,7 +269,7 @@ def parse(lines: Sequence[str], language: str) -> ParsedDocument | None:
     if sum(map(len, lines)) > MAX_PARSE_CHARS:
         log.debug("not parsed: the document is over %d characters", MAX_PARSE_CHARS)
         return None
-    text = "".join(_body(s) + "\n" for s in lines)
+    text = "".join(line_body(s) + "\n" for s in lines)
     key = (language, text)
     parsed = _recent.get(key)
     if parsed is None:
