@@ -60,7 +60,6 @@ class StickySnippets:
         self.on_refresh = on_refresh
         self._by_uri: OrderedDict[str, _StickyEntry] = OrderedDict()
         self._fetching: dict[str, tuple[int, asyncio.Task[list[Snippet]]]] = {}
-        self.refreshes = 0
 
     async def get(self, doc: DocumentView) -> list[Snippet]:
         entry = self._by_uri.get(doc.uri)
@@ -90,7 +89,6 @@ class StickySnippets:
             del self._fetching[uri]
 
     async def _query(self, doc: DocumentView) -> list[Snippet]:
-        self.refreshes += 1
         try:
             return list(await self.source.snippets(doc, self.config.snippetTokens * 4))
         except asyncio.CancelledError:

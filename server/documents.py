@@ -123,9 +123,6 @@ class Document:
             raise PositionError(f"line {line} is past the end of the document ({len(self.lines)})")
         return line, to_char_index(line_body(self.lines[line]), units, encoding)
 
-    def unit_position(self, line: int, index: int, encoding: str) -> tuple[int, int]:
-        return line, to_units(line_body(self.lines[line]), index, encoding)
-
     def apply_change(
         self, start: tuple[int, int] | None, end: tuple[int, int] | None, text: str, encoding: str
     ) -> None:

@@ -62,7 +62,6 @@ class OpenAIBackend:
             )
         self.health = RemoteHealth()
         self._http = RemoteHttp(config, self.base_url, self.display_url, resolve_api_key(config))
-        self._requests = 0
         # Which server answers, from /models' "owned_by" ("vllm", "llamacpp", ...):
         # each gets only the extra fields it knows ("" = unknown: all of them).
         self.server_kind = ""
@@ -267,10 +266,6 @@ class OpenAIBackend:
         # The cache is the server's: ask it not to reuse it for the next request.
         self._drop_cache = True
 
-    @property
-    def requests_sent(self) -> int:
-        return self._requests
-
     def close(self) -> None:
         self._http.close()
 
@@ -301,7 +296,6 @@ class _RemoteRun:
         self._timings: dict[str, Any] | None = None
         self._first = True
         self._ended = False
-        backend._requests += 1
         self._fut: Future[None] = backend._http.submit(backend._http.post_stream(body, self._items))
 
     def prefill(self) -> list[int] | None:
