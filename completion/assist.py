@@ -30,7 +30,7 @@ from exlsp.completion.backends.base import BackendUnavailable, GenerationJob
 from exlsp.completion.config import ModelConfig
 from exlsp.completion.fim import FimTokens
 from exlsp.completion.tokenizer import Tokenizer
-from exlsp.completion.worker import BackendWorker, GenerationHandle
+from exlsp.completion.worker import GenerationHandle, ModelWorker
 
 if TYPE_CHECKING:
     from exlsp.completion.service import CompletionService
@@ -554,7 +554,7 @@ def content_key(*parts: str) -> str:
 class Assistant:
     """Runs explanation and refactor prompts as background jobs on the backend worker."""
 
-    worker: BackendWorker
+    worker: ModelWorker
     tokenizer: Tokenizer
     fim: FimTokens | None
     chat_template: str | None = None
@@ -811,7 +811,7 @@ class AssistService:
     def __init__(self, completion: CompletionService, model: ModelConfig | None = None) -> None:
         self.completion = completion
         self.model = model
-        self.worker: BackendWorker | None = None
+        self.worker: ModelWorker | None = None
         self.state = "shared" if model is None else "idle"  # shared, idle, loading, ready, error
         self.error: str | None = None
         self._own: Assistant | None = None
@@ -826,11 +826,12 @@ class AssistService:
         if self.model is None:
             return
         from exlsp.completion.fim import resolve_template
+        from exlsp.completion.host import make_worker
         from exlsp.completion.service import create_backend
 
         model = self.model
         self.state = "loading"
-        worker = self.worker = BackendWorker("assist")
+        worker = self.worker = make_worker(model, "assist")
         try:
             backend = await worker.load(lambda: create_backend(model))
             fim: FimTokens | None

@@ -39,7 +39,7 @@ from exlsp.completion.types import (
     Snippet,
     Suggestion,
 )
-from exlsp.completion.worker import BackendWorker, GenerationHandle
+from exlsp.completion.worker import GenerationHandle, ModelWorker
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +381,7 @@ def _decoded(tokenizer: Tokenizer, ids: list[int]) -> str:
 class CompletionEngine:
     def __init__(
         self,
-        worker: BackendWorker,
+        worker: ModelWorker,
         tokenizer: Tokenizer,
         fim: FimTokens,
         config: CompletionConfig,
