@@ -129,7 +129,11 @@ class HostWorker:
 
         `factory` is ignored: the host loads the model from the configuration."""
         self._loop = asyncio.get_running_loop()
-        welcome = await self._connect()
+        try:
+            welcome = await self._connect()
+        except BaseException:
+            self._drop_connection()
+            raise
         info = ModelInfo(
             **{**welcome["info"], "architectures": tuple(welcome["info"]["architectures"])}
         )

@@ -138,7 +138,7 @@ class ModelHost:
             # (the user may have freed the memory meanwhile).
             self._stop_listening()
             self._broadcast({"op": "loadFailed", "error": self.error})
-            self._arm_idle(0.5 if not self.clients else None)
+            self._arm_idle()
             return
         if hasattr(backend, "max_slots"):
             backend.max_slots = max(1, self.model.hostSlots)
@@ -181,6 +181,8 @@ class ModelHost:
             self._idle = None
         if self.clients and delay is None:
             return
+        if delay is None and self.state == "error":
+            delay = 0.5  # nothing to serve: leave the socket to a host that may load
         wait = self.idle_s if delay is None else delay
         self._idle = asyncio.get_running_loop().call_later(wait, self._idle_out)
 
