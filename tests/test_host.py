@@ -160,7 +160,7 @@ async def test_a_load_error_reaches_every_connected_server_once(runtime: Path) -
     while len(host.clients) < 2:
         await asyncio.sleep(0.01)
     both_connected.set()
-    results = await asyncio.gather(*loads, return_exceptions=True)
+    results = await asyncio.wait_for(asyncio.gather(*loads, return_exceptions=True), 20)
     assert all(isinstance(r, ModelHostLoadError) for r in results), results
     assert all("out of memory" in str(r) for r in results)
     assert notices == []  # the service reports the load error; nothing else is shown
