@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import stat
 import threading
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from exlsp.completion.backends.base import GenerationJob
+from exlsp.completion.backends.base import BackendUnavailable, GenerationJob
 from exlsp.completion.backends.instant import InstantBackend
 from exlsp.completion.config import ModelConfig
 from exlsp.completion.host import control, rendezvous
@@ -184,3 +185,21 @@ async def test_the_host_exits_when_idle(runtime: Path) -> None:
     worker.close()
     await asyncio.wait_for(serving, 10)
     assert not paths.socket.exists()
+
+
+async def test_a_hung_host_does_not_hold_a_request_past_its_deadline(runtime: Path) -> None:
+    worker = HostWorker(instant())
+    await worker.load()
+    assert worker.host_pid is not None
+    os.kill(worker.host_pid, signal.SIGSTOP)
+    try:
+        job = GenerationJob(
+            prompt=[1, 2, 3], stop_ids=frozenset(), max_tokens=4, deadline=time.monotonic() + 0.2
+        )
+        handle = worker.submit(job)
+        with pytest.raises(BackendUnavailable, match="does not answer"):
+            await asyncio.wait_for(handle.done, 30)
+        assert job.stats.stop_reason == "deadline"
+    finally:
+        os.kill(worker.host_pid, signal.SIGCONT)
+        worker.close()

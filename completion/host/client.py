@@ -29,6 +29,7 @@ from exlsp.completion.backends.base import (
     BackendUnavailable,
     GenerationJob,
     ModelInfo,
+    common_prefix_length,
 )
 from exlsp.completion.config import ModelConfig
 from exlsp.completion.host import rendezvous
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 # Seconds between attempts to start a host again after it died.
 BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 HOST_LOST = "the model host stopped; exlsp is starting it again"
+# A job the host has not ended this long after its deadline ends here (a hung host).
+OVERDUE_S = 1.0
 
 
 class ModelHostLoadError(RuntimeError):
@@ -121,6 +124,9 @@ class HostWorker:
         self._loaded: asyncio.Future[dict[str, Any]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        # The last prompt sent on this connection, per kind (foreground, background):
+        # a prompt is sent as what it keeps of it and its new tail.
+        self._sent: dict[bool, list[int]] = {}
 
     # -- connecting ------------------------------------------------------------------
 
@@ -145,6 +151,7 @@ class HostWorker:
         """Open a connection and say hello; the host's `loaded` message."""
         self._drop_connection()
         reader, writer = await self._open()
+        self._sent = {}
         loop = asyncio.get_running_loop()
         self._writer = writer
         self._loaded = loop.create_future()
@@ -303,11 +310,15 @@ class HostWorker:
             if not background or stale.background:
                 stale.job.cancel.set()
         remaining = job.deadline - time.monotonic()
+        prompt = list(job.prompt)
+        before = self._sent.get(background, [])
+        keep = common_prefix_length(before, prompt)
         sent = not self._closed and self._send(
             {
                 "op": "submit",
                 "id": rid,
-                "prompt": list(job.prompt),
+                "keep": keep,
+                "tail": prompt[keep:],
                 "stopIds": sorted(job.stop_ids),
                 "maxTokens": job.max_tokens,
                 "deadlineIn": None if math.isinf(remaining) else remaining,
@@ -315,7 +326,13 @@ class HostWorker:
                 "background": background,
             }
         )
-        if not sent:
+        if sent:
+            self._sent[background] = prompt
+            if not math.isinf(remaining):
+                asyncio.get_running_loop().call_later(
+                    max(0.0, remaining) + OVERDUE_S, self._overdue, rid
+                )
+        else:
             job.stats.stop_reason = "unavailable"
             handle._finish(BackendUnavailable(HOST_LOST))
             if not self._closed and self.backend is not None:
@@ -323,6 +340,13 @@ class HostWorker:
             return handle
         self._live[rid] = handle
         return handle
+
+    def _overdue(self, rid: int) -> None:
+        handle = self._live.pop(rid, None)
+        if handle is not None:
+            log.warning("the model host did not end a job by its deadline")
+            handle.job.stats.stop_reason = "deadline"
+            handle._finish(BackendUnavailable("the model host does not answer"))
 
     # -- the end ------------------------------------------------------------------------
 

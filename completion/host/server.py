@@ -3,7 +3,9 @@ served to every `exlsp serve` of the same user over a Unix socket.
 
 Messages (`wire.py` frames), client to host:
   hello {session, pid, token}      -> welcome {pid, state, info, name, error}
-  submit {id, prompt, stopIds, maxTokens, deadlineIn, reuseCache, background}
+  submit {id, keep, tail, stopIds, maxTokens, deadlineIn, reuseCache, background}
+                                   (the prompt: `keep` tokens of the previous one of its
+                                   kind on this connection, then `tail`)
   cancel {id}
   stats                            -> stats {...} (also as a connection's first message)
   stop                             -> the host tells every client `bye` and exits
@@ -64,6 +66,9 @@ class _Client:
     pid: int
     jobs: dict[int, GenerationHandle] = dataclasses.field(default_factory=dict)
     requests: int = 0
+    # The last prompt of each kind (foreground, background): a submit carries
+    # how much of it to keep and the new tail.
+    prompts: dict[bool, list[int]] = dataclasses.field(default_factory=dict)
 
     def send(self, message: dict[str, Any]) -> None:
         if not self.writer.is_closing():
@@ -273,9 +278,16 @@ class ModelHost:
 
     def _submit(self, client: _Client, message: dict[str, Any]) -> None:
         rid = int(message["id"])
+        background = bool(message.get("background"))
+        before = client.prompts.get(background, [])
+        keep = int(message.get("keep", 0))
+        if not 0 <= keep <= len(before):
+            raise FrameError(f"keeps {keep} tokens of a prompt of {len(before)}")
+        prompt = before[:keep] + [int(t) for t in message["tail"]]
+        client.prompts[background] = prompt
         deadline_in = message.get("deadlineIn")
         job = GenerationJob(
-            prompt=[int(t) for t in message["prompt"]],
+            prompt=prompt,
             stop_ids=frozenset(int(t) for t in message.get("stopIds", ())),
             max_tokens=int(message["maxTokens"]),
             deadline=float("inf") if deadline_in is None else time.monotonic() + deadline_in,
@@ -293,7 +305,7 @@ class ModelHost:
                 }
             )
             return
-        handle = self.worker.submit(job, bool(message.get("background")), session=client.session)
+        handle = self.worker.submit(job, background, session=client.session)
         client.jobs[rid] = handle
         client.requests += 1
         self.requests += 1
