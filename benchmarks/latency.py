@@ -864,10 +864,14 @@ async def _sessions(
     clients: list[RpcClient] = []
     rows: list[dict[str, Any]] = []
     try:
-        for n in range(count):
+        for _ in range(count):
+            warm = any(
+                h["model"]["backend"] == options["model"]["backend"]
+                for h in control.running_hosts()
+            )
             client, row = await _session(server_cmd, file, options, host_env)
             clients.append(client)
-            row["host_warm"] = n > 0
+            row["host_warm"] = warm
             rows.append(row)
         await asyncio.sleep(1.0)
         for row in rows:
@@ -883,7 +887,7 @@ async def _sessions(
     row["maps_torch"] = _maps_torch(row["pid"])
     await inproc.close()
     extra = [r["rss_mb"] for r in rows[1:] if r["rss_mb"] is not None]
-    warm = [r["first_suggestion_s"] for r in rows[1:]]
+    warm = [r["first_suggestion_s"] for r in rows if r["host_warm"]]
     return {
         "sessions": rows,
         "host": {
