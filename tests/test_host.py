@@ -21,6 +21,7 @@ from exlsp.completion.host import control, rendezvous
 from exlsp.completion.host.client import HostWorker, ModelHostLoadError
 from exlsp.completion.host.server import ModelHost
 from exlsp.completion.service import SHIPPED_MODEL_DIR
+from exlsp.server.doctor import DoctorReport
 
 
 def stop_all_hosts() -> None:
@@ -203,3 +204,31 @@ async def test_a_hung_host_does_not_hold_a_request_past_its_deadline(runtime: Pa
     finally:
         os.kill(worker.host_pid, signal.SIGCONT)
         worker.close()
+
+
+async def test_status_and_doctor_name_each_host(
+    runtime: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from exlsp.server.cli import main as cli
+    from exlsp.server.doctor import _host_rows
+
+    a, b = HostWorker(instant(threads=1)), HostWorker(instant(threads=2))
+    await a.load()
+    await b.load()
+    try:
+        assert cli(["host", "status"]) == 0
+        out = capsys.readouterr().out
+        assert f"pid {a.host_pid}" in out and f"pid {b.host_pid}" in out
+        assert "2 hosts: each model configuration has its own" in out
+        report = DoctorReport()
+        await asyncio.to_thread(_host_rows, report, instant(threads=1))
+        rows = dict(report.rows)
+        assert rows["host"].startswith(f"pid {a.host_pid}, ready")
+        assert "RSS" in rows["host memory"]
+        assert f"pid {os.getpid()}" in rows["host sessions"]
+        assert f"pid {b.host_pid}" in rows["other hosts"]
+    finally:
+        a.close()
+        b.close()
+    assert await asyncio.to_thread(cli, ["host", "stop", "--all"]) == 0
+    assert "stopped the model host(s)" in capsys.readouterr().out
