@@ -232,3 +232,29 @@ async def test_status_and_doctor_name_each_host(
         b.close()
     assert await asyncio.to_thread(cli, ["host", "stop", "--all"]) == 0
     assert "stopped the model host(s)" in capsys.readouterr().out
+
+
+def test_the_transformers_backend_keeps_at_most_host_slots_caches(tiny_model: Path) -> None:
+    from exlsp.completion.backends.transformers_backend import TransformersBackend
+    from exlsp.completion.decode import decode
+
+    backend = TransformersBackend(
+        ModelConfig(path=str(tiny_model), device="cpu", hostSlots=2), tiny_model
+    )
+    prompt = list(range(10, 60))
+
+    def run(slot: str) -> GenerationJob:
+        job = GenerationJob(prompt=prompt, stop_ids=frozenset(), max_tokens=2, slot=slot)
+        list(decode(backend, job))
+        return job
+
+    run("a/main")
+    run("b/main")
+    assert run("a/main").stats.prefilled_tokens == 1  # both kept
+    run("c/main")  # b is the least recently used: dropped
+    slots = backend.slot_bytes()
+    assert sorted(slots) == ["a/main", "c/main"]
+    assert all(n > 0 for n in slots.values())
+    assert run("b/main").stats.prefilled_tokens == len(prompt)
+    assert run("c/main").stats.prefilled_tokens == 1
+    backend.close()
