@@ -1,7 +1,11 @@
 """The host's framing: one JSON object per frame, after its length (4 bytes, big-endian).
 
-msgpack is not among the dependencies and JSON of token ids is small; the cost
-per request is measured by `benchmarks/latency.py` (the `host-instant` variant).
+msgpack is not among the dependencies, and JSON is cheap at this size: an
+in-line keystroke's submit (a prompt sent as the tokens kept of the previous one
+plus its tail) is ~140 bytes and its end ~220, each encoded and decoded in ~9 us;
+a whole 1200-token prompt (after a reconnect, or a prompt that changed at its
+start) is ~7 kB and ~150 us. The whole round trip through the host is measured by
+`benchmarks/latency.py` (the `host-instant` variant against `instant`).
 """
 
 from __future__ import annotations
