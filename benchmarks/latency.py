@@ -77,7 +77,12 @@ from exlsp.benchmarks.provenance import (
     now,
 )
 
-VARIANTS = ("reuse", "noreuse", "instant")
+VARIANTS = ("reuse", "noreuse", "instant", "host-reuse", "host-instant")
+# Variants whose model runs in a shared model host; the others run it in the server.
+HOST_VARIANTS = ("host-reuse", "host-instant")
+TARGET_HOST_OVERHEAD_P50_MS = 0.3  # host-instant over instant, same run
+TARGET_SESSION_RSS_MB = 150.0  # each additional editor session with the host on
+TARGET_WARM_FIRST_SUGGESTION_S = 1.0  # a new session's first suggestion, warm host
 TARGET_PREFILL_WITHIN_LINE = 16  # median prefilled tokens per keystroke within a line
 TARGET_OVERHEAD_P50_MS = 2.0  # instant backend, per request
 MIN_PROMPT_TOKENS = 1000
@@ -779,6 +784,144 @@ def summarize(records: Sequence[Keystroke]) -> dict[str, Any]:
     }
 
 
+# --- editor sessions on one model host ----------------------------------------------------
+
+
+def _rss_mb(pid: int) -> float | None:
+    from exlsp.completion.host.server import process_rss
+
+    rss = process_rss(pid)
+    return None if rss is None else round(rss / 2**20, 1)
+
+
+def _maps_torch(pid: int) -> bool | None:
+    """Whether torch's library is mapped in the process (Linux)."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return None
+
+
+async def _session(
+    server_cmd: list[str], file: Path, options: dict[str, Any], env: dict[str, str]
+) -> tuple[RpcClient, dict[str, Any]]:
+    """Start one editor session: its server, the file open, completions until the model
+    answers one; the time from `initialize` to that first suggestion."""
+    client = RpcClient()
+    await client.start(server_cmd, asyncio.subprocess.DEVNULL, env)
+    t0 = time.perf_counter()
+    root = file.parent.resolve()
+    await client.call(
+        "initialize",
+        {
+            "processId": os.getpid(),
+            "rootUri": root.as_uri(),
+            "capabilities": _capabilities(),
+            "initializationOptions": options,
+        },
+    )
+    client.notify("initialized", {})
+    text = file.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    line = min(len(lines) - 1, 40)
+    uri = file.resolve().as_uri()
+    client.notify(
+        "textDocument/didOpen",
+        {"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": text}},
+    )
+    params = {
+        "textDocument": {"uri": uri},
+        "position": {"line": line, "character": len(lines[line])},
+        "context": {"triggerKind": 2},
+    }
+    limit = time.monotonic() + 600
+    while True:
+        await client.call("textDocument/inlineCompletion", params, timeout=60)
+        last = (await client.call("exlsp/stats", {})).get("last") or {}
+        if last.get("source") == "model":
+            break
+        if time.monotonic() > limit:
+            raise TimeoutError("no suggestion from the model")
+        await asyncio.sleep(0.01)
+    first_s = time.perf_counter() - t0
+    assert client.proc is not None
+    return client, {"first_suggestion_s": round(first_s, 3), "pid": client.proc.pid}
+
+
+async def _sessions(
+    server_cmd: list[str],
+    file: Path,
+    options: dict[str, Any],
+    count: int,
+    host_env: dict[str, str],
+    inproc_env: dict[str, str],
+) -> dict[str, Any]:
+    """`count` editor sessions on one model host: each server's RSS (and whether it
+    maps torch), the host's, each session's first suggestion after its initialize;
+    then one session with the model in-process, for comparison."""
+    from exlsp.completion.host import control
+
+    clients: list[RpcClient] = []
+    rows: list[dict[str, Any]] = []
+    try:
+        for _ in range(count):
+            warm = any(
+                h["model"]["backend"] == options["model"]["backend"]
+                for h in control.running_hosts()
+            )
+            client, row = await _session(server_cmd, file, options, host_env)
+            clients.append(client)
+            row["host_warm"] = warm
+            rows.append(row)
+        await asyncio.sleep(1.0)
+        for row in rows:
+            row["rss_mb"] = _rss_mb(row["pid"])
+            row["maps_torch"] = _maps_torch(row["pid"])
+        hosts = control.running_hosts()
+        host = next((h for h in hosts if h["model"]["backend"] == options["model"]["backend"]), {})
+    finally:
+        for client in clients:
+            await client.close()
+    inproc, row = await _session(server_cmd, file, options, inproc_env)
+    row["rss_mb"] = _rss_mb(row["pid"])
+    row["maps_torch"] = _maps_torch(row["pid"])
+    await inproc.close()
+    extra = [r["rss_mb"] for r in rows[1:] if r["rss_mb"] is not None]
+    warm = [r["first_suggestion_s"] for r in rows if r["host_warm"]]
+    return {
+        "sessions": rows,
+        "host": {
+            "pid": host.get("pid"),
+            "rss_mb": round(host["rssBytes"] / 2**20, 1) if host.get("rssBytes") else None,
+            "loads": host.get("loads"),
+            "sessions": len(host.get("sessions") or []),
+            "slots_bytes": host.get("slots"),
+        },
+        "in_process": row,
+        "additional_session_rss_mb_max": max(extra) if extra else None,
+        "warm_first_suggestion_s_max": max(warm) if warm else None,
+    }
+
+
+def session_targets(sessions: dict[str, Any]) -> dict[str, Any]:
+    rss = sessions.get("additional_session_rss_mb_max")
+    warm = sessions.get("warm_first_suggestion_s_max")
+    torch_free = not any(r.get("maps_torch") for r in sessions.get("sessions", []))
+    return {
+        "additional_session_rss_mb": {
+            "target": f"<= {TARGET_SESSION_RSS_MB} and no model memory",
+            "value": rss,
+            "no_torch_in_servers": torch_free,
+            "met": rss is not None and rss <= TARGET_SESSION_RSS_MB and torch_free,
+        },
+        "warm_host_first_suggestion_s": {
+            "target": f"<= {TARGET_WARM_FIRST_SUGGESTION_S}",
+            "value": warm,
+            "met": warm is not None and warm <= TARGET_WARM_FIRST_SUGGESTION_S,
+        },
+    }
+
+
 # --- the command line -----------------------------------------------------------------
 
 
@@ -786,9 +929,9 @@ def variant_options(base: dict[str, Any], variant: str) -> dict[str, Any]:
     options = copy.deepcopy(base)
     if variant == "noreuse":
         options["completion"]["kvReuse"] = False
-    elif variant == "instant":
+    elif variant in ("instant", "host-instant"):
         options["model"]["backend"] = "instant"
-    elif variant != "reuse":
+    elif variant not in ("reuse", "host-reuse"):
         raise ValueError(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
     return options
 
@@ -951,6 +1094,13 @@ def targets(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "value": overhead,
         "met": overhead is not None and overhead <= TARGET_OVERHEAD_P50_MS,
     }
+    host = _get(results.get("host-instant", {}), "latency_ms", "p50")
+    if host is not None and overhead is not None:
+        out["host_overhead_p50_ms"] = {
+            "target": f"<= {TARGET_HOST_OVERHEAD_P50_MS} (host-instant - instant)",
+            "value": round(host - overhead, 3),
+            "met": host - overhead <= TARGET_HOST_OVERHEAD_P50_MS,
+        }
     prompt = [
         _get(r, "prompt_tokens", "p50") for r in results.values() if _get(r, "prompt_tokens", "p50")
     ]
@@ -1275,6 +1425,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="SECTION.KEY=JSON",
         help="another initialization option for every variant, e.g. completion.streamPartial=false",
     )
+    p.add_argument(
+        "--sessions",
+        type=int,
+        default=0,
+        help="then start this many editor sessions on one model host (RSS, first suggestion)",
+    )
     p.add_argument("--name", default="latency", help="results/<name>.json")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument(
@@ -1333,7 +1489,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             base.setdefault("index", {})["enabled"] = False
         elif scratch is not None:
             base.setdefault("index", {}).setdefault("databaseDir", str(scratch / "index-db"))
+    # Host variants get a model host of their own (not the user's), stopped at the end;
+    # the others run the model in the server.
+    runtime = Path(tempfile.mkdtemp(prefix="exlsp-host-"))
+    os.environ["EXLSP_RUNTIME_DIR"] = str(runtime)  # for `control` in this process
+    host_env = {**os.environ, "EXLSP_MODEL_HOST": "auto"}
+    inproc_env = {**os.environ, "EXLSP_MODEL_HOST": "off"}
     results: dict[str, dict[str, Any]] = {}
+    sessions: dict[str, Any] | None = None
     configs: dict[str, Any] = {}
     machine = machine_info()
     machine["loadavg_before"] = machine.pop("loadavg")
@@ -1371,6 +1534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         paced_keystrokes=args.paced,
                         start_line=start_line,
                         workspace=workspace,
+                        env=host_env if v in HOST_VARIANTS else inproc_env,
                     )
                 except Exception as e:
                     errors[v] = f"{type(e).__name__}: {e}"
@@ -1393,7 +1557,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                     }
                 )
                 print(f"{label} done in {time.perf_counter() - t0:.1f} s", flush=True)
+        if args.sessions:
+            print(f"[sessions] {args.sessions} editor sessions on one model host ...", flush=True)
+            # The workspace index off: its embedding model still loads in each server.
+            session_options = variant_options(base, "reuse")
+            session_options.setdefault("index", {})["enabled"] = False
+            sessions = asyncio.run(
+                _sessions(
+                    server_cmd,
+                    file,
+                    session_options,
+                    args.sessions,
+                    host_env,
+                    inproc_env,
+                )
+            )
     finally:
+        from exlsp.completion.host import control
+
+        control.stop_hosts()
+        shutil.rmtree(runtime, ignore_errors=True)
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     for v in variants:
@@ -1420,7 +1603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "typed": (plan or {}).get("typed"),
         "config": configs,
-        "targets": targets(results),
+        "targets": {**targets(results), **(session_targets(sessions) if sessions else {})},
+        "sessions": sessions,
         "variants": {v: _without_log(r) for v, r in results.items()},
         "requests": {v: r.get("requests_list", []) for v, r in results.items()},
     }

@@ -82,6 +82,16 @@ class ModelConfig:
     # [{"backend": "transformers", "device": "cuda"}, {"backend": "openai", "baseUrl":
     # "http://gpu-pool:8000/v1"}, {"backend": "transformers", "path": ""}].
     fallback: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    # "auto": the model runs in a model host, one process per user and model
+    # configuration that every `exlsp serve` (one per editor) shares; "off": in this
+    # process (debugging, single use). The openai backend holds no model and always
+    # runs in-process. The environment variable EXLSP_MODEL_HOST (auto/off) overrides it.
+    host: str = "auto"
+    # The host exits after this many minutes without a connected server.
+    hostIdleMinutes: int = 15
+    # KV caches the host keeps (least recently used dropped first): each editor
+    # uses one for completions and one for hover and code actions.
+    hostSlots: int = 4
 
 
 def fallback_chain(model: ModelConfig) -> list[ModelConfig]:

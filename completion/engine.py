@@ -45,7 +45,7 @@ from exlsp.completion.types import (
     NoContext,
     Suggestion,
 )
-from exlsp.completion.worker import BackendWorker, GenerationHandle
+from exlsp.completion.worker import GenerationHandle, ModelWorker
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def _decoded(tokenizer: Tokenizer, ids: list[int]) -> str:
 class CompletionEngine:
     def __init__(
         self,
-        worker: BackendWorker,
+        worker: ModelWorker,
         tokenizer: Tokenizer,
         fim: FimTokens,
         config: CompletionConfig,

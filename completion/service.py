@@ -25,13 +25,14 @@ from exlsp.completion.config import (
 )
 from exlsp.completion.engine import CompletionEngine, PartialCallback
 from exlsp.completion.fim import resolve_template
+from exlsp.completion.host import make_worker
 from exlsp.completion.types import (
     CompletionRequest,
     CompletionResult,
     CompletionStats,
     ContextSource,
 )
-from exlsp.completion.worker import BackendWorker
+from exlsp.completion.worker import ModelWorker
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class CompletionService:
         self.config = config
         self.context = context
         self.chain = fallback_chain(config.model)
-        self.worker: BackendWorker | None = None
+        self.worker: ModelWorker | None = None
         self.engine: CompletionEngine | None = None
         self.state = "idle"  # idle, loading, ready, error
         self.error: str | None = None
@@ -152,6 +153,9 @@ class CompletionService:
         # Called on the event loop when what serves changes after `start` (a fallback
         # took over from a model that died, or none is left).
         self.on_change: Callable[[], None] | None = None
+        # Called on the event loop with a message for the user about the model host
+        # (it died and is being started again).
+        self.on_notice: Callable[[str], None] | None = None
         self._failover: asyncio.Task[None] | None = None
         self.acceptance = AcceptanceStats(enabled=config.completion.acceptanceStats)
 
@@ -188,7 +192,9 @@ class CompletionService:
         for index in range(first, len(self.chain)):
             model = self.chain[index]
             t0 = time.perf_counter()
-            worker = self.worker = BackendWorker(model.backend)
+            worker = self.worker = make_worker(model, model.backend)
+            if hasattr(worker, "on_notice"):
+                worker.on_notice = self._notice
             try:
                 backend = await worker.load(functools.partial(create_backend, model))
                 fim = resolve_template(
@@ -236,12 +242,16 @@ class CompletionService:
             else "no model could be served: " + "; ".join(self.failures)
         )
 
+    def _notice(self, message: str) -> None:
+        if self.on_notice is not None:
+            self.on_notice(message)
+
     def _died_on_thread(
-        self, loop: asyncio.AbstractEventLoop, worker: BackendWorker, error: BaseException
+        self, loop: asyncio.AbstractEventLoop, worker: ModelWorker, error: BaseException
     ) -> None:
         loop.call_soon_threadsafe(self._died, worker, error)
 
-    def _died(self, worker: BackendWorker, error: BaseException) -> None:
+    def _died(self, worker: ModelWorker, error: BaseException) -> None:
         """A fatal error on `worker`: serve with the next model of the chain."""
         if worker is not self.worker or self.serving is None:
             return  # already replaced

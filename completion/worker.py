@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from exlsp.completion.backends.base import (
     Backend,
@@ -41,6 +41,7 @@ class GenerationHandle:
         self.done = loop.create_future()
         self.submitted = time.perf_counter()
         self.background = False
+        self.session: str | None = None
         self.started: float | None = None
 
     # Called on the worker thread.
@@ -72,6 +73,26 @@ class GenerationHandle:
         await self.done
 
 
+class ModelWorker(Protocol):
+    """What the engine and the services use of a worker: `BackendWorker` in this
+    process, or `completion.host.client.HostWorker` for a model in a model host."""
+
+    # Called with a fatal generation error (`is_fatal`): the model cannot serve again.
+    on_fatal: Callable[[BaseException], object] | None
+
+    @property
+    def backend(self) -> Backend | None: ...
+
+    @property
+    def idle(self) -> bool: ...
+
+    def submit(self, job: GenerationJob, background: bool = False) -> GenerationHandle: ...
+
+    async def load(self, factory: Callable[[], Backend]) -> Backend: ...
+
+    def close(self, wait: bool = True) -> None: ...
+
+
 class BackendWorker:
     def __init__(self, name: str = "backend") -> None:
         self._jobs: queue.Queue[tuple[Callable[[], Any], asyncio.Future[Any] | None] | None] = (
@@ -83,7 +104,7 @@ class BackendWorker:
         self.backend: Backend | None = None
         self._closed = False
         # Called on the worker thread with a fatal generation error (`is_fatal`).
-        self.on_fatal: Callable[[BaseException], None] | None = None
+        self.on_fatal: Callable[[BaseException], object] | None = None
         self._thread.start()
 
     # -- generic calls -------------------------------------------------------
@@ -135,17 +156,27 @@ class BackendWorker:
         with self._lock:
             return not self._live
 
-    def submit(self, job: GenerationJob, background: bool = False) -> GenerationHandle:
+    def submit(
+        self, job: GenerationJob, background: bool = False, session: str | None = None
+    ) -> GenerationHandle:
         """Queue `job`; the latest request wins.
 
         A foreground job (a completion) cancels every job that runs or waits.
         A background job (hover, code action) cancels only older background
         jobs and waits behind foreground ones, which in turn preempt it.
+
+        With several editors on one model (the model host), each passes its
+        `session`: the latest request wins within a session, a completion still
+        preempts every session's background work, and each session's jobs use
+        KV cache slots of their own ("<session>/main", "<session>/background").
         """
         handle = GenerationHandle(job, asyncio.get_running_loop())
         handle.background = background
+        handle.session = session
         if background:
             job.slot = "background"
+        if session is not None:
+            job.slot = f"{session}/{job.slot}"
         with self._lock:
             if self._closed:
                 # The thread is gone or going (a fallback replaced the model while this
@@ -154,7 +185,10 @@ class BackendWorker:
                 handle._finish(None)
                 return handle
             for stale in self._live:
-                if not background or stale.background:
+                if stale.session == session:
+                    if not background or stale.background:
+                        stale.cancel()
+                elif not background and stale.background:
                     stale.cancel()
             self._live.append(handle)
             # Under the lock: a job is queued before `close`'s end marker, never after.

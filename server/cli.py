@@ -205,6 +205,41 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor(config.model, assist=config.assist.model_config())
 
 
+def cmd_host(args: argparse.Namespace) -> int:
+    """`exlsp host status|stop`: the model hosts this user runs (one per configuration)."""
+    from exlsp.completion.host import control
+
+    if args.action == "stop":
+        model = None
+        if not args.all:
+            config = load_config(args.config)
+            model = config.model
+        stopped = control.stop_hosts(model)
+        print(
+            f"stopped the model host(s): {', '.join(f'pid {p}' for p in stopped)}"
+            if stopped
+            else "no model host was running"
+        )
+        return 0
+    hosts = control.running_hosts()
+    if args.json:
+        print(json.dumps(hosts, indent=2))
+        return 0
+    if not hosts:
+        print("no model host is running")
+        return 0
+    for n, stats in enumerate(hosts):
+        if n:
+            print()
+        rows = control.describe(stats)
+        width = max(len(label) for label, _ in rows)
+        for label, value in rows:
+            print(f"{label.ljust(width)}  {value}")
+    if len(hosts) > 1:
+        print(f"\n{len(hosts)} hosts: each model configuration has its own")
+    return 0
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     from exlsp.index.cli import run_index
 
@@ -484,6 +519,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", help="backend to check")
     p.add_argument("--config", help="a JSON file with the configuration tree")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser(
+        "host", parents=[common], help="the shared model hosts: their status, or stop them"
+    )
+    p.add_argument("action", choices=["status", "stop"])
+    p.add_argument("--config", help="stop: the configuration whose host to stop")
+    p.add_argument("--all", action="store_true", help="stop: every model host of this user")
+    p.add_argument("--json", action="store_true", help="status: print JSON")
+    p.set_defaults(func=cmd_host)
 
     p = sub.add_parser("index", parents=[common], help="build or update the index of PATH")
     p.add_argument("path", metavar="PATH")

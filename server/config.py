@@ -40,6 +40,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "dtype"): ("auto", "float32", "float16", "bfloat16"),
     ("model", "cacheType"): ("fp16", "q8", "q6", "q4"),
     ("model", "promptFormat"): ("auto", "tokens", "text"),
+    ("model", "host"): ("auto", "off"),
     ("assist", "backend"): ("", "transformers", "exllamav2", "exllamav3", "openai"),
     ("assist", "dtype"): ("auto", "float32", "float16", "bfloat16"),
     ("assist", "cacheType"): ("fp16", "q8", "q6", "q4"),
@@ -96,6 +97,7 @@ _POSITIVE = {
     "maxSeqLen",
     "connectTimeoutMs",
     "readTimeoutMs",
+    "hostSlots",
 }
 
 

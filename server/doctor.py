@@ -486,6 +486,29 @@ def _chain_rows(report: DoctorReport, model: ModelConfig, assist: ModelConfig | 
     report.add("assist model", row)
 
 
+def _host_rows(report: DoctorReport, model: ModelConfig) -> None:
+    """The shared model host of this configuration, and how many others run."""
+    from exlsp.completion.host import control, host_mode, uses_host
+
+    if not uses_host(model):
+        why = "the openai backend runs in-process" if model.backend == "openai" else "off"
+        report.add("model host", f"{why} (model.host: {host_mode(model)})")
+        return
+    mine = control.host_for(model)
+    others = [h for h in control.running_hosts() if mine is None or h["pid"] != mine["pid"]]
+    if mine is None:
+        report.add("model host", "not running (the first editor starts it)")
+    else:
+        for label, value in control.describe(mine):
+            report.add(label, value)
+    if others:
+        report.add(
+            "other hosts",
+            "\n".join(f"pid {h['pid']}: {control.describe(h)[1][1]}" for h in others)
+            + "\n(another model configuration has a host of its own)",
+        )
+
+
 def run_doctor(
     model: ModelConfig,
     out: TextIO = sys.stdout,
@@ -530,6 +553,7 @@ def run_doctor(
         report.serving = f"the {model.backend} backend, once the default model is built"
     elif report.problem is not None:
         report.add("loads", "not tried")
+    _host_rows(report, model)
     _chain_rows(report, model, assist)
     report.next_step = next_step(report, model, has_gpu)
     out.write(report.render())

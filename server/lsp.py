@@ -254,6 +254,7 @@ class ExlspServer(ProtocolServer):
             gc.collect()
         service = self.service = CompletionService(self.config.engine(), self.context_source)
         service.on_change = lambda: self._report_load(service)
+        service.on_notice = lambda m: self.show_once(f"exlsp: {m}", types.MessageType.Warning)
         self.assist = AssistService(service, self.config.assist.model_config())
         self._load_task = asyncio.get_running_loop().create_task(self._load(service))
 

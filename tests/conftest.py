@@ -22,6 +22,9 @@ os.environ.setdefault("EXLSP_STATE_DIR", str(ROOT / ".test-cache" / "state"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Nor the user's configuration file: an empty directory unless a test points elsewhere.
 os.environ.setdefault("EXLSP_CONFIG_DIR", str(ROOT / ".test-cache" / "user-config"))
+# Servers load their model in-process unless a test asks for the shared model host
+# (tests/test_host*.py): no detached host outlives a test.
+os.environ.setdefault("EXLSP_MODEL_HOST", "off")
 
 
 @pytest.fixture(scope="session")

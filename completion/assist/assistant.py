@@ -38,7 +38,7 @@ from exlsp.completion.assist.syntax import Definition, ParsedDocument, Span, hov
 from exlsp.completion.backends.base import BackendUnavailable, GenerationJob
 from exlsp.completion.fim import FimTokens
 from exlsp.completion.tokenizer import Tokenizer
-from exlsp.completion.worker import BackendWorker, GenerationHandle
+from exlsp.completion.worker import GenerationHandle, ModelWorker
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def content_key(*parts: str) -> str:
 class Assistant:
     """Runs explanation and refactor prompts as background jobs on the backend worker."""
 
-    worker: BackendWorker
+    worker: ModelWorker
     tokenizer: Tokenizer
     fim: FimTokens | None
     chat_template: str | None = None

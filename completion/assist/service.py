@@ -13,7 +13,7 @@ from exlsp.completion.assist.prompts import read_chat_template
 from exlsp.completion.backends.base import Backend
 from exlsp.completion.config import ModelConfig
 from exlsp.completion.fim import FimTokens
-from exlsp.completion.worker import BackendWorker
+from exlsp.completion.worker import ModelWorker
 
 if TYPE_CHECKING:
     from exlsp.completion.service import CompletionService
@@ -43,7 +43,7 @@ class AssistService:
     def __init__(self, completion: CompletionService, model: ModelConfig | None = None) -> None:
         self.completion = completion
         self.model = model
-        self.worker: BackendWorker | None = None
+        self.worker: ModelWorker | None = None
         self.state = "shared" if model is None else "idle"  # shared, idle, loading, ready, error
         self.error: str | None = None
         self._own: Assistant | None = None
@@ -58,11 +58,12 @@ class AssistService:
         if self.model is None:
             return
         from exlsp.completion.fim import resolve_template
+        from exlsp.completion.host import make_worker
         from exlsp.completion.service import create_backend
 
         model = self.model
         self.state = "loading"
-        worker = self.worker = BackendWorker("assist")
+        worker = self.worker = make_worker(model, "assist")
         try:
             backend = await worker.load(lambda: create_backend(model))
             fim: FimTokens | None

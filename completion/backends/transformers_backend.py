@@ -91,7 +91,10 @@ class TransformersBackend:
         self._past: Any = None
         self._cached: list[int] = []  # tokens whose K/V are in self._past, in order
         self._slot = "main"
-        self._parked: dict[str, tuple[Any, list[int]]] = {}  # the other slots' caches
+        # The other slots' caches, least recently used first; with the current one
+        # at most `max_slots` are kept (a model host serves several editors).
+        self._parked: dict[str, tuple[Any, list[int]]] = {}
+        self.max_slots = max(1, config.hostSlots)
 
     # -- KV cache ------------------------------------------------------------
 
@@ -106,6 +109,15 @@ class TransformersBackend:
         self._parked[self._slot] = (self._past, self._cached)
         self._past, self._cached = self._parked.pop(slot, (None, []))
         self._slot = slot
+        while self._parked and len(self._parked) + 1 > self.max_slots:
+            evicted = next(iter(self._parked))
+            del self._parked[evicted]
+            log.debug("KV cache of slot %s dropped (%d slots kept)", evicted, self.max_slots)
+
+    def slot_bytes(self) -> dict[str, int]:
+        """The KV cache memory of each slot (its DynamicCache tensors' bytes)."""
+        caches = {**{s: past for s, (past, _) in self._parked.items()}, self._slot: self._past}
+        return {slot: _cache_bytes(past) for slot, past in caches.items()}
 
     def _keep(self, n: int) -> None:
         """Crop the cache to its first `n` tokens."""
@@ -141,7 +153,8 @@ class TransformersBackend:
         completion that arrives waits for one chunk, not for a whole prompt. What
         was prefilled before a stop stays cached for the job's resumption.
         """
-        step = len(ids) if job.slot == "main" else BACKGROUND_PREFILL_CHUNK
+        # "main", or "<session>/main" in a model host.
+        step = len(ids) if job.slot.rpartition("/")[2] == "main" else BACKGROUND_PREFILL_CHUNK
         logits = None
         for start in range(0, len(ids), step):
             if start and job.should_stop():
@@ -172,6 +185,17 @@ class TransformersBackend:
         self.reset_cache()
         self._parked.clear()
         self.model = None
+
+
+def _cache_bytes(past: Any) -> int:
+    if past is None:
+        return 0
+    total = 0
+    for layer in getattr(past, "layers", ()):
+        for value in vars(layer).values():
+            if hasattr(value, "element_size") and hasattr(value, "numel"):
+                total += int(value.numel() * value.element_size())
+    return total
 
 
 class _TransformersRun:

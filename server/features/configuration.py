@@ -10,6 +10,7 @@ from typing import Any
 
 from lsprotocol import types
 
+from exlsp.completion.host import uses_host
 from exlsp.server.config import drop_user_only, merge
 from exlsp.server.features.indexing import restart_index, start_index, stop_index
 from exlsp.server.lsp import ExlspServer
@@ -85,7 +86,9 @@ def register(server: ExlspServer) -> None:
         # The model loads on the backend thread while the index loads its embedder on
         # its own: a first `import transformers` in two threads at once fails in one
         # of them ("cannot import name 'AutoConfig'"). Import it once, first.
-        await asyncio.to_thread(importlib.import_module, "transformers")
+        # With the model in a model host, nothing here loads it: no race, no import.
+        if not uses_host(ls.config.model):
+            await asyncio.to_thread(importlib.import_module, "transformers")
         await start_index(ls)
         ls.start_model()
 

@@ -132,6 +132,7 @@ class ExLlamaV2Backend:
         self._cache_factory = cache_factory
         self._slot = "main"
         self._parked: dict[str, tuple[Any, list[int]]] = {}
+        self.max_slots = 4  # caches kept, the current one included (a model host's `hostSlots`)
         self.vram_bytes: int | None = None  # set by the loader
         # n-gram drafting, over the backend's life (for benchmarks)
         self.draft_proposed = 0
@@ -160,6 +161,9 @@ class ExLlamaV2Backend:
         """
         if slot == self._slot:
             return
+        if slot not in self._parked and self._parked and len(self._parked) + 2 > self.max_slots:
+            # All slots taken (a model host's editors): the least recently used cache serves.
+            self._parked[slot] = (self._parked.pop(next(iter(self._parked)))[0], [])
         if slot not in self._parked:
             if self._cache_factory is None:
                 return

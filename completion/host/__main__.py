@@ -1,0 +1,5 @@
+import sys
+
+from exlsp.completion.host.server import main
+
+sys.exit(main())
