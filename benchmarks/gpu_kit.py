@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exlsp.benchmarks.build_exl2 import read_json
+from exlsp.benchmarks.exl_convert import read_json
 
 ROOT = Path(__file__).resolve().parent.parent
 KIT_DIR = ROOT / "benchmarks" / "gpu"
