@@ -31,10 +31,10 @@ from pathlib import Path
 
 from exlsp.benchmarks.exl_convert import (
     ConversionError,
+    already_built,
     conversion_error,
     ensure_hf_model,
     quant_bits,
-    read_json,
     record_build,
     run_converter,
 )
@@ -96,8 +96,7 @@ def build_exl2(
         "bits": bits,
         "fast_calibration": fast_calibration,
     }
-    if exl2_bits(out) is not None and read_json(out / "exlsp-exl2.json").get("build") == stamp:
-        logger.info("EXL2 model already built: %s", out)
+    if already_built(out, "exl2", stamp):
         return out
     hf = Path(hf_dir).resolve() if hf_dir else out.with_name(out.name + "-hf")
     work = out.with_name(out.name + "-work")
@@ -122,7 +121,7 @@ def build_exl2(
     record_build(
         out,
         hf,
-        "exlsp-exl2.json",
+        "exl2",
         stamp=stamp,
         bits=got,
         hf_s=hf_s,

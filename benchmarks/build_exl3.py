@@ -24,6 +24,7 @@ from pathlib import Path
 
 from exlsp.benchmarks.exl_convert import (
     ConversionError,
+    already_built,
     conversion_error,
     ensure_hf_model,
     quant_bits,
@@ -75,8 +76,7 @@ def build_exl3(
     """Build (or reuse) `out_dir`: an EXL3 model of `family`/`size` at `bits` bpw."""
     out = Path(out_dir).resolve()
     stamp = {"family": family, "size": size, "seed": seed, "bits": bits, "fast": fast_calibration}
-    if exl3_bits(out) is not None and read_json(out / "exlsp-exl3.json").get("build") == stamp:
-        logger.info("EXL3 model already built: %s", out)
+    if already_built(out, "exl3", stamp):
         return out
     hf = Path(hf_dir).resolve() if hf_dir else out.with_name(out.name + "-hf")
     work = out.with_name(out.name + "-work")
@@ -96,7 +96,7 @@ def build_exl3(
     record_build(
         out,
         hf,
-        "exlsp-exl3.json",
+        "exl3",
         stamp=stamp,
         bits=got,
         hf_s=hf_s,

@@ -49,6 +49,16 @@ def quant_bits(model_dir: Path, method: str) -> float | None:
     return float(bits) if isinstance(bits, int | float) else None
 
 
+def already_built(out: Path, method: str, stamp: dict[str, Any]) -> bool:
+    """Whether `out` holds a finished `method` model recorded as the build `stamp`."""
+    if quant_bits(out, method) is None:
+        return False
+    if read_json(out / f"exlsp-{method}.json").get("build") != stamp:
+        return False
+    logger.info("%s model already built: %s", method.upper(), out)
+    return True
+
+
 def hf_build_matches(hf_dir: Path, family: str, size: str, seed: int) -> bool:
     info = read_json(hf_dir / "exlsp-build.json")
     return (
@@ -100,7 +110,7 @@ def conversion_error(converter: str, returncode: int, log_path: Path) -> Convers
 def record_build(
     out: Path,
     hf: Path,
-    record_name: str,
+    method: str,
     *,
     stamp: dict[str, Any],
     bits: float,
@@ -108,7 +118,8 @@ def record_build(
     convert_s: float,
     cmd: list[str],
 ) -> None:
-    """Copy the HF model's files the converter left out, and write `out/record_name`."""
+    """Copy the HF model's files the converter left out, and write the build's record
+    `out/exlsp-<method>.json`."""
     for name in COPIED_FILES:
         if (hf / name).is_file() and not (out / name).is_file():
             shutil.copyfile(hf / name, out / name)
@@ -120,4 +131,4 @@ def record_build(
         "command": cmd,
         "size_bytes": sum(p.stat().st_size for p in out.glob("*.safetensors")),
     }
-    (out / record_name).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    (out / f"exlsp-{method}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
