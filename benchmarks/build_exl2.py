@@ -22,32 +22,28 @@ them: the output directory is checked afterwards.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+
+from exlsp.benchmarks.exl_convert import (
+    ConversionError,
+    already_built,
+    conversion_error,
+    ensure_hf_model,
+    quant_bits,
+    record_build,
+    run_converter,
+)
 
 logger = logging.getLogger(__name__)
 
 # Short calibration for random-weight timing models: rows of 512 tokens
 # (the converter wants multiples of 128).
 FAST_CALIBRATION = {"rows": 16, "measurement_rows": 4, "length": 512}
-_COPIED_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "generation_config.json",
-    "exlsp-build.json",
-)
-
-
-class ConversionError(RuntimeError):
-    pass
 
 
 def convert_command(
@@ -69,34 +65,9 @@ def convert_command(
     return cmd
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`; {} when it is missing, unreadable or not an object."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def exl2_bits(model_dir: Path) -> float | None:
     """Bits per weight of a finished EXL2 directory (None if it is not one)."""
-    quant = read_json(model_dir / "config.json").get("quantization_config")
-    if not isinstance(quant, dict) or quant.get("quant_method") != "exl2":
-        return None
-    if not any(model_dir.glob("*.safetensors")):
-        return None
-    bits = quant.get("bits")
-    return float(bits) if isinstance(bits, int | float) else None
-
-
-def _hf_build_matches(hf_dir: Path, family: str, size: str, seed: int) -> bool:
-    info = read_json(hf_dir / "exlsp-build.json")
-    return (
-        info.get("family") == family
-        and info.get("size") == size
-        and info.get("seed") == seed
-        and (hf_dir / "model.safetensors").is_file()
-    )
+    return quant_bits(model_dir, "exl2")
 
 
 def build_exl2(
@@ -117,8 +88,6 @@ def build_exl2(
     converter's working files to `<out_dir>-work`; both are removed afterwards
     unless `keep_intermediate`.
     """
-    from exlsp.benchmarks.build_model import build_model
-
     out = Path(out_dir).resolve()
     stamp = {
         "family": family,
@@ -127,17 +96,12 @@ def build_exl2(
         "bits": bits,
         "fast_calibration": fast_calibration,
     }
-    if exl2_bits(out) is not None and read_json(out / "exlsp-exl2.json").get("build") == stamp:
-        logger.info("EXL2 model already built: %s", out)
+    if already_built(out, "exl2", stamp):
         return out
     hf = Path(hf_dir).resolve() if hf_dir else out.with_name(out.name + "-hf")
     work = out.with_name(out.name + "-work")
     started = time.perf_counter()
-    if not _hf_build_matches(hf, family, size, seed):
-        if hf.exists():
-            shutil.rmtree(hf)
-        logger.info("building the %s %s HF model (random weights) in %s", family, size, hf)
-        build_model(hf, family=family, size=size, seed=seed)
+    ensure_hf_model(hf, family, size, seed)
     hf_s = time.perf_counter() - started
 
     resuming = (work / "job_new.json").is_file()
@@ -148,36 +112,22 @@ def build_exl2(
     work.mkdir(parents=True, exist_ok=True)
     cmd = convert_command(hf, work, out, bits, fast_calibration=fast_calibration)
     logger.info("%s: %s", "resuming" if resuming else "running", " ".join(cmd))
-    t0 = time.perf_counter()
     log_path = work / "convert.log"
-    with log_path.open("a", encoding="utf-8") as log_file:
-        proc = subprocess.run(
-            cmd,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            timeout=timeout_s,
-            check=False,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    convert_s = time.perf_counter() - t0
+    returncode, convert_s = run_converter(cmd, log_path, append=True, timeout_s=timeout_s)
     got = exl2_bits(out)
-    if proc.returncode != 0 or got is None:
-        tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
-        raise ConversionError(
-            f"convert_exl2 failed (exit {proc.returncode}), log {log_path}:\n" + "\n".join(tail)
-        )
-    for name in _COPIED_FILES:  # -cf copies config/tokenizer files; make sure of ours
-        if (hf / name).is_file() and not (out / name).is_file():
-            shutil.copyfile(hf / name, out / name)
-    record = {
-        "build": stamp,
-        "bits_measured": got,
-        "hf_build_s": round(hf_s, 1),
-        "convert_s": round(convert_s, 1),
-        "command": cmd,
-        "size_bytes": sum(p.stat().st_size for p in out.glob("*.safetensors")),
-    }
-    (out / "exlsp-exl2.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    if returncode != 0 or got is None:
+        raise conversion_error("convert_exl2", returncode, log_path)
+    # -cf copies config and tokenizer files; record_build makes sure of ours
+    record_build(
+        out,
+        hf,
+        "exl2",
+        stamp=stamp,
+        bits=got,
+        hf_s=hf_s,
+        convert_s=convert_s,
+        cmd=cmd,
+    )
     if not keep_intermediate:
         shutil.rmtree(work, ignore_errors=True)
         if hf_dir is None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -23,23 +22,22 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from exlsp.benchmarks.build_exl2 import read_json
+from exlsp.benchmarks.exl_convert import (
+    ConversionError,
+    already_built,
+    conversion_error,
+    ensure_hf_model,
+    quant_bits,
+    read_json,
+    record_build,
+    run_converter,
+)
 
 logger = logging.getLogger(__name__)
 
 # exllamav3's defaults are 250 rows x 2048 columns (convert_model.py --cal_rows/--cal_cols).
 FAST_CALIBRATION = {"rows": 16, "cols": 512}
 HEAD_BITS = 6  # convert_model.py --head_bits default
-_COPIED_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "generation_config.json",
-    "exlsp-build.json",
-)
-
-
-class ConversionError(RuntimeError):
-    pass
 
 
 def convert_command(
@@ -61,13 +59,7 @@ def convert_command(
 
 def exl3_bits(model_dir: Path) -> float | None:
     """Bits per weight of a finished EXL3 directory (None if it is not one)."""
-    quant = read_json(model_dir / "config.json").get("quantization_config")
-    if not isinstance(quant, dict) or quant.get("quant_method") != "exl3":
-        return None
-    if not any(model_dir.glob("*.safetensors")):
-        return None
-    bits = quant.get("bits")
-    return float(bits) if isinstance(bits, int | float) else None
+    return quant_bits(model_dir, "exl3")
 
 
 def build_exl3(
@@ -82,63 +74,35 @@ def build_exl3(
     timeout_s: float | None = None,
 ) -> Path:
     """Build (or reuse) `out_dir`: an EXL3 model of `family`/`size` at `bits` bpw."""
-    from exlsp.benchmarks.build_model import build_model
-
     out = Path(out_dir).resolve()
     stamp = {"family": family, "size": size, "seed": seed, "bits": bits, "fast": fast_calibration}
-    if exl3_bits(out) is not None and read_json(out / "exlsp-exl3.json").get("build") == stamp:
-        logger.info("EXL3 model already built: %s", out)
+    if already_built(out, "exl3", stamp):
         return out
     hf = Path(hf_dir).resolve() if hf_dir else out.with_name(out.name + "-hf")
     work = out.with_name(out.name + "-work")
     started = time.perf_counter()
-    info = read_json(hf / "exlsp-build.json")
-    if not (
-        info.get("family") == family
-        and info.get("size") == size
-        and info.get("seed") == seed
-        and (hf / "model.safetensors").is_file()
-    ):
-        shutil.rmtree(hf, ignore_errors=True)
-        logger.info("building the %s %s HF model (random weights) in %s", family, size, hf)
-        build_model(hf, family=family, size=size, seed=seed)
+    ensure_hf_model(hf, family, size, seed)
     hf_s = time.perf_counter() - started
     shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     cmd = convert_command(hf, work, out, bits, fast_calibration=fast_calibration)
     logger.info("running: %s", " ".join(cmd))
-    t0 = time.perf_counter()
     log_path = out.with_name(out.name + "-convert.log")
-    with log_path.open("w", encoding="utf-8") as log_file:
-        proc = subprocess.run(
-            cmd,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            timeout=timeout_s,
-            check=False,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    convert_s = time.perf_counter() - t0
+    returncode, convert_s = run_converter(cmd, log_path, append=False, timeout_s=timeout_s)
     got = exl3_bits(out)
-    if proc.returncode != 0 or got is None:
-        tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
-        raise ConversionError(
-            f"exllamav3's converter failed (exit {proc.returncode}), log {log_path}:\n"
-            + "\n".join(tail)
-        )
-    for name in _COPIED_FILES:
-        if (hf / name).is_file() and not (out / name).is_file():
-            shutil.copyfile(hf / name, out / name)
-    record = {
-        "build": stamp,
-        "bits_measured": got,
-        "hf_build_s": round(hf_s, 1),
-        "convert_s": round(convert_s, 1),
-        "command": cmd,
-        "size_bytes": sum(p.stat().st_size for p in out.glob("*.safetensors")),
-    }
-    (out / "exlsp-exl3.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    if returncode != 0 or got is None:
+        raise conversion_error("exllamav3's converter", returncode, log_path)
+    record_build(
+        out,
+        hf,
+        "exl3",
+        stamp=stamp,
+        bits=got,
+        hf_s=hf_s,
+        convert_s=convert_s,
+        cmd=cmd,
+    )
     shutil.rmtree(work, ignore_errors=True)
     logger.info("built %s (%.2f bpw) in %.0f s", out, got, time.perf_counter() - started)
     return out

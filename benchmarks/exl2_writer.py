@@ -598,15 +598,11 @@ def ensure_exl2_direct(
     """The writer's counterpart of `build_exl2.build_exl2`: builds the random-weight HF
     model (kept for the transformers comparison, and the source of config and tokenizer)
     and writes the EXL2 model next to it; reuses both when they are already there."""
-    from exlsp.benchmarks.build_exl2 import _hf_build_matches
-    from exlsp.benchmarks.build_model import build_model
+    from exlsp.benchmarks.exl_convert import ensure_hf_model
 
     out = Path(out_dir).resolve()
     hf = Path(hf_dir).resolve() if hf_dir else out.with_name(out.name + "-hf")
-    if not _hf_build_matches(hf, family, size, 0):
-        if hf.exists():
-            shutil.rmtree(hf)
-        build_model(hf, family=family, size=size, seed=0)
+    ensure_hf_model(hf, family, size, 0)
     if (out / "exlsp-exl2.json").is_file() and (out / "output.safetensors").is_file():
         return out
     config = json.loads((hf / "config.json").read_text(encoding="utf-8"))

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exlsp.benchmarks.build_exl2 import read_json
+from exlsp.benchmarks.exl_convert import read_json
 
 ROOT = Path(__file__).resolve().parent.parent
 KIT_DIR = ROOT / "benchmarks" / "gpu"
@@ -581,7 +581,7 @@ GPU_ENTRY_MODULES = (
     "exlsp.server.__main__",
     "exlsp.server.lsp",
     "exlsp.completion.backends.exllamav2",
-    "exlsp.completion.backends.exllamav3.backend",
+    "exlsp.completion.backends.exllamav3",
     "exlsp.benchmarks.build_exl3",
     "exlsp.completion.backends.transformers_backend",
 )
@@ -1148,7 +1148,7 @@ def body_tiny(out: Path, work: Path) -> int:
 
 def body_exl3_extension(out: Path) -> int:
     """EXL3 stage: import exllamav3's extension module, which JIT-compiles it; timed."""
-    from exlsp.completion.backends.exllamav3.backend import import_exllamav3
+    from exlsp.completion.backends.exllamav3.loader import import_exllamav3
 
     t0 = time.perf_counter()
     exl3 = import_exllamav3()

@@ -17,10 +17,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from exlsp.completion import languages
+from exlsp.index.definitions import (
+    DefinitionNodes,
+    definition_name,
+    definition_nodes,
+    language_for_path,
+    member_prefix,
+)
+
+__all__ = ["MIN_CHUNK_CHARS", "Chunk", "Chunker", "chunk_id", "language_for_path"]
 
 log = logging.getLogger(__name__)
 
@@ -52,142 +61,6 @@ def chunk_id(path: str, start_line: int, text: str) -> str:
     return h.hexdigest()
 
 
-@dataclass(frozen=True)
-class DefinitionNodes:
-    """How to find definitions in one language's tree-sitter grammar.
-
-    The language's id, extensions and grammar come from the language table
-    (`exlsp.completion.languages`); this is what only the chunker needs.
-    """
-
-    name: str  # the language id
-    definitions: dict[str, str]  # node type -> kind
-    # Nodes that wrap a definition and belong to it (decorators, `export`, `template<>`).
-    wrappers: frozenset[str] = frozenset()
-    # Class-like definitions whose functions are members ("method" instead of "function").
-    containers: frozenset[str] = frozenset()
-    comments: frozenset[str] = frozenset({"comment"})
-
-
-_JS_DEFS = {
-    "function_declaration": "function",
-    "generator_function_declaration": "function",
-    "class_declaration": "class",
-    "class": "class",
-    "method_definition": "method",
-    "lexical_declaration": "function",  # only `const f = () => ...` (see _name)
-    "variable_declaration": "function",
-}
-_TS_DEFS = {
-    **_JS_DEFS,
-    "abstract_class_declaration": "class",
-    "interface_declaration": "interface",
-    "type_alias_declaration": "type",
-    "enum_declaration": "enum",
-    "internal_module": "namespace",
-    "module": "namespace",
-    "function_signature": "function",
-}
-_C_DEFS = {
-    "function_definition": "function",
-    "struct_specifier": "struct",
-    "union_specifier": "union",
-    "enum_specifier": "enum",
-    "type_definition": "type",
-}
-
-_JS = DefinitionNodes(
-    "javascript",
-    _JS_DEFS,
-    wrappers=frozenset({"export_statement"}),
-    containers=frozenset({"class_declaration", "class"}),
-)
-_TS = DefinitionNodes(
-    "typescript",
-    _TS_DEFS,
-    wrappers=frozenset({"export_statement"}),
-    containers=frozenset(
-        {"class_declaration", "abstract_class_declaration", "class", "interface_declaration"}
-    ),
-)
-
-_NODES: tuple[DefinitionNodes, ...] = (
-    DefinitionNodes(
-        "python",
-        {"function_definition": "function", "class_definition": "class"},
-        wrappers=frozenset({"decorated_definition"}),
-        containers=frozenset({"class_definition"}),
-    ),
-    _JS,
-    replace(_JS, name="javascriptreact"),  # .jsx and .tsx: the same node types
-    _TS,
-    replace(_TS, name="typescriptreact"),
-    DefinitionNodes(
-        "go",
-        {
-            "function_declaration": "function",
-            "method_declaration": "method",
-            "type_declaration": "type",
-        },
-    ),
-    DefinitionNodes(
-        "rust",
-        {
-            "function_item": "function",
-            "function_signature_item": "function",
-            "struct_item": "struct",
-            "enum_item": "enum",
-            "union_item": "union",
-            "trait_item": "trait",
-            "impl_item": "impl",
-            "mod_item": "module",
-            "macro_definition": "macro",
-            "type_item": "type",
-        },
-        containers=frozenset({"impl_item", "trait_item"}),
-        comments=frozenset({"line_comment", "block_comment"}),
-    ),
-    DefinitionNodes(
-        "java",
-        {
-            "class_declaration": "class",
-            "interface_declaration": "interface",
-            "enum_declaration": "enum",
-            "record_declaration": "record",
-            "annotation_type_declaration": "interface",
-            "method_declaration": "method",
-            "constructor_declaration": "method",
-        },
-        containers=frozenset(
-            {"class_declaration", "interface_declaration", "enum_declaration", "record_declaration"}
-        ),
-        comments=frozenset({"line_comment", "block_comment"}),
-    ),
-    DefinitionNodes(
-        "c",
-        _C_DEFS,
-    ),
-    DefinitionNodes(
-        "cpp",
-        {
-            **_C_DEFS,
-            "class_specifier": "class",
-            "namespace_definition": "namespace",
-        },
-        wrappers=frozenset({"template_declaration"}),
-        containers=frozenset({"class_specifier", "struct_specifier"}),
-    ),
-)
-
-_BY_NAME: dict[str, DefinitionNodes] = {spec.name: spec for spec in _NODES}
-
-
-def language_for_path(path: str) -> str:
-    """The language id of a path when the chunker finds definitions in it, else ""."""
-    lang = languages.language_for_path(path)
-    return lang.id if lang is not None and lang.id in _BY_NAME else ""
-
-
 def _end_row(node: Any) -> int:
     """Exclusive end line of a node (a node that ends at column 0 ends on the line before)."""
     end = node.end_point
@@ -195,96 +68,6 @@ def _end_row(node: Any) -> int:
     if end.column == 0 and row > int(node.start_point.row):
         return row
     return row + 1
-
-
-def _text(node: Any) -> str:
-    raw = node.text
-    return raw.decode("utf-8", errors="replace") if raw is not None else ""
-
-
-def _declarator_name(node: Any) -> str:
-    """Name of a C/C++ declarator chain: `int *(*f)(int)` -> `f`, `A::b` -> `A::b`."""
-    current = node
-    for _ in range(16):
-        if current is None:
-            return ""
-        if current.type in {
-            "identifier",
-            "field_identifier",
-            "qualified_identifier",
-            "destructor_name",
-            "operator_name",
-            "type_identifier",
-            "primitive_type",
-        }:
-            return _text(current)
-        nxt = current.child_by_field_name("declarator")
-        if nxt is None:
-            named = [c for c in current.named_children if c.type != "parameter_list"]
-            nxt = named[0] if named else None
-        current = nxt
-    return ""
-
-
-_FUNCTION_VALUES = frozenset(
-    {"arrow_function", "function_expression", "function", "generator_function", "class"}
-)
-
-
-def _name(node: Any, spec: DefinitionNodes) -> str | None:
-    """The definition's name; None when the node is not a definition after all."""
-    t = node.type
-    if t in {"lexical_declaration", "variable_declaration"}:
-        for child in node.named_children:
-            if child.type == "variable_declarator":
-                value = child.child_by_field_name("value")
-                if value is not None and value.type in _FUNCTION_VALUES:
-                    ident = child.child_by_field_name("name")
-                    return _text(ident) if ident is not None else ""
-        return None
-    if t in {"struct_specifier", "union_specifier", "enum_specifier", "class_specifier"}:
-        if node.child_by_field_name("body") is None:
-            return None  # `struct point p;` uses a type, it does not define one
-        ident = node.child_by_field_name("name")
-        return _text(ident) if ident is not None else ""
-    if t == "function_definition" and spec.name in {"c", "cpp"}:
-        return _declarator_name(node.child_by_field_name("declarator"))
-    if t == "type_definition":
-        decl = node.child_by_field_name("declarator")
-        return _declarator_name(decl) if decl is not None else ""
-    if t == "type_declaration":
-        names = []
-        for child in node.named_children:
-            ident = child.child_by_field_name("name")
-            if ident is not None:
-                names.append(_text(ident))
-        return ", ".join(names)
-    if t == "method_declaration" and spec.name == "go":
-        ident = node.child_by_field_name("name")
-        receiver = node.child_by_field_name("receiver")
-        recv = ""
-        if receiver is not None:
-            words = _text(receiver).replace("*", " ").strip("() ").split()
-            idents = [w for w in words if w.isidentifier()]
-            recv = idents[-1] if idents else ""
-        base = _text(ident) if ident is not None else ""
-        return f"{recv}.{base}" if recv else base
-    if t == "impl_item":
-        typ = node.child_by_field_name("type")
-        trait = node.child_by_field_name("trait")
-        name = _text(typ) if typ is not None else ""
-        return f"{_text(trait)} for {name}" if trait is not None else name
-    ident = node.child_by_field_name("name")
-    if ident is not None:
-        return _text(ident)
-    return ""
-
-
-def _member_prefix(node: Any, name: str) -> str:
-    if node.type == "impl_item":
-        typ = node.child_by_field_name("type")
-        return _text(typ) if typ is not None else name
-    return name
 
 
 @dataclass
@@ -392,11 +175,12 @@ class Chunker:
         lang = language_for_path(path) if language is None else language
         lines = _split_lf(text)
         em = _Emitter(path, lang or "text", lines, self.max_lines, self.overlap)
-        parser = self._parser(lang) if lang in _BY_NAME else None
-        if parser is not None:
+        spec = definition_nodes(lang)
+        parser = self._parser(lang) if spec is not None else None
+        if spec is not None and parser is not None:
             try:
                 tree = parser.parse(text.encode("utf-8", "surrogatepass"))
-                self._definitions(em, tree.root_node, _BY_NAME[lang], "", in_container=False)
+                self._definitions(em, tree.root_node, spec, "", in_container=False)
             except Exception as exc:  # never lose a file to a parser problem
                 log.warning("parsing %s failed (%s): using line windows", path, exc)
                 em.chunks.clear()
@@ -436,7 +220,7 @@ class Chunker:
                     break
                 target = inner
             kind = spec.definitions.get(target.type)
-            name = _name(target, spec) if kind is not None else None
+            name = definition_name(target, spec) if kind is not None else None
             if kind is None or name is None:
                 found |= self._definitions(em, child, spec, prefix, in_container)
                 continue
@@ -472,9 +256,9 @@ class Chunker:
         if end - start <= self.max_lines:
             em.emit(start, end, symbol, kind)
             return
-        member_prefix = _member_prefix(node, symbol)
+        members = member_prefix(node, symbol)
         nested = self._definitions(
-            em, node, spec, member_prefix, in_container=node.type in spec.containers
+            em, node, spec, members, in_container=node.type in spec.containers
         )
         if nested:
             for run_start, run_end in em.uncovered_runs(start, end):

@@ -10,12 +10,13 @@ reuse tests can fail.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -894,3 +895,79 @@ def test_without_memory_for_a_second_cache_background_work_shares_the_one() -> N
     assert job.stats.reused_tokens == 0  # the hover displaced the completion's prompt
     list(decode(backend, background_job([1, 2, 3])))
     assert tries == 1  # no second try at the allocation
+
+
+# --- loading on a fake exllamav2 module ------------------------------------------------
+
+
+class FakeExl2Module:
+    """The part of exllamav2 the loader calls; `load_error` is raised by load_autosplit."""
+
+    load_error: ClassVar[BaseException] = RuntimeError("set by the test")
+    unloaded: ClassVar[list[Any]] = []
+
+    class ExLlamaV2Config:
+        def __init__(self, path: str) -> None:
+            self.max_input_len = 2048
+
+        def arch_compat_overrides(self, quiet: bool = False) -> None:
+            pass
+
+    class ExLlamaV2:
+        def __init__(self, config: Any) -> None:
+            self.config = config
+
+        def load_autosplit(self, cache: Any, progress: bool = False) -> None:
+            raise FakeExl2Module.load_error
+
+        def unload(self) -> None:
+            FakeExl2Module.unloaded.append(self)
+
+    class ExLlamaV2Cache_Q4:
+        def __init__(self, model: Any, max_seq_len: int, lazy: bool = False) -> None:
+            self.model = model
+
+
+def _fake_exl2_load(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
+    from exlsp.completion.backends import gpu
+    from exlsp.completion.backends.exllamav2 import loader as exl2_loader
+
+    d = tmp_path / "exl2"
+    d.mkdir()
+    for f in tiny_model.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            (d / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(gpu, "cuda_summary", lambda _t: ("Fake GPU", 10.0, 16.0))
+    monkeypatch.setattr(exl2_loader, "import_exllamav2", lambda _torch: FakeExl2Module)
+    monkeypatch.setattr(FakeExl2Module, "load_error", error)
+    monkeypatch.setattr(FakeExl2Module, "unloaded", [])
+    load_exllamav2_backend(
+        ModelConfig(path=str(d), backend="exllamav2", maxSeqLen=1000, cacheType="q4")
+    )
+
+
+def test_out_of_memory_at_load_unloads_and_says_what_did_not_fit(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB\nmore detail")
+    with pytest.raises(GpuOutOfMemoryError) as info:
+        _fake_exl2_load(tiny_model, tmp_path, monkeypatch, oom)
+    assert re.fullmatch(
+        r"not enough GPU memory for exl2: weights 0\.00 GiB \+ q4 KV cache \d+\.\d\d GiB "
+        r"\(maxSeqLen 1024\) > 10\.00 GiB free of 16\.00 GiB on Fake GPU; lower "
+        r"model\.maxSeqLen or cacheType \(CUDA out of memory\. Tried to allocate 1 GiB\)",
+        str(info.value),
+    ), str(info.value)
+    assert len(FakeExl2Module.unloaded) == 1  # what the failed load placed is freed
+
+
+def test_other_errors_at_load_propagate_as_they_are(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        _fake_exl2_load(tiny_model, tmp_path, monkeypatch, ValueError("unsupported architecture"))
+    assert FakeExl2Module.unloaded == []

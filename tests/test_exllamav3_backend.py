@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
+from exlsp.completion.backends import gpu
 from exlsp.completion.backends.base import GenerationJob, ModelInfo, common_prefix_length
 from exlsp.completion.backends.exllamav3 import (
     PAGE_SIZE,
@@ -29,7 +30,7 @@ from exlsp.completion.backends.exllamav3 import (
     is_recurrent_architecture,
     load_exllamav3_backend,
 )
-from exlsp.completion.backends.exllamav3 import backend as exl3_backend
+from exlsp.completion.backends.exllamav3 import loader as exl3_loader
 from exlsp.completion.backends.gpu import GpuOutOfMemoryError
 from exlsp.completion.config import ModelConfig
 from exlsp.completion.decode import decode
@@ -770,7 +771,7 @@ def test_ram_tier_restores_evicted_pages() -> None:
 
 def test_generator_settings_from_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("EXLSP_CACHE_DIR", str(tmp_path))
-    s = exl3_backend.generator_settings(
+    s = exl3_loader.generator_settings(
         ModelConfig(prefillChunk=700, pageCacheRamMiB=512, pageCacheDiskMiB=4096, ngramDraft=True)
     )
     assert s.max_chunk_size == 512
@@ -779,12 +780,12 @@ def test_generator_settings_from_config(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert kw["disk_cache_dir"] == str(tmp_path / "exl3-pages")
     assert kw["disk_cache_size"] == 4096 * 2**20
     assert kw["max_batch_size"] == 1
-    off = exl3_backend.generator_settings(ModelConfig()).kwargs()
+    off = exl3_loader.generator_settings(ModelConfig()).kwargs()
     assert (
         "cpu_cache_size" not in off and "disk_cache_dir" not in off and "ngram_match_min" not in off
     )
     with pytest.raises(ExLlamaV3LoadError, match="pageCacheRamMiB"):
-        exl3_backend.generator_settings(ModelConfig(pageCacheDiskMiB=100))
+        exl3_loader.generator_settings(ModelConfig(pageCacheDiskMiB=100))
 
 
 # --- model detection and loading -----------------------------------------------------
@@ -813,7 +814,7 @@ def _exl3_dir(tiny_model: Path, tmp_path: Path, arch: str = "Qwen2ForCausalLM") 
 
 def _pretend_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(exl3_backend, "cuda_summary", lambda _t: ("Fake GPU", 10.0, 16.0))
+    monkeypatch.setattr(gpu, "cuda_summary", lambda _t: ("Fake GPU", 10.0, 16.0))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
 
 
