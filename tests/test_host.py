@@ -16,11 +16,11 @@ import pytest
 
 from exlsp.completion.backends.base import BackendUnavailable, GenerationJob
 from exlsp.completion.backends.instant import InstantBackend
+from exlsp.completion.builtin_model import SHIPPED_MODEL_DIR
 from exlsp.completion.config import ModelConfig
 from exlsp.completion.host import control, rendezvous
 from exlsp.completion.host.client import HostWorker, ModelHostLoadError
 from exlsp.completion.host.server import ModelHost
-from exlsp.completion.service import SHIPPED_MODEL_DIR
 from exlsp.server.doctor import DoctorReport
 
 
