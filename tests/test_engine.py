@@ -390,7 +390,7 @@ def after_accept(prompt: str) -> str:
 
 
 async def test_the_suggestion_after_an_accept_comes_from_the_cache(make_engine) -> None:  # type: ignore[no-untyped-def]
-    engine, backend = await make_engine(after_accept, prefetch=True)
+    engine, backend = await make_engine(after_accept, prefetch=True, deadlineMs=60_000)
     first = await engine.complete(req(FUNC, 4, 4))
     assert first.suggestions[0].text == "return a + b"
     assert engine.prefetch_task is not None
@@ -406,7 +406,7 @@ async def test_the_suggestion_after_an_accept_comes_from_the_cache(make_engine) 
 
 
 async def test_an_accept_before_the_prefetch_ends_waits_for_it(make_engine) -> None:  # type: ignore[no-untyped-def]
-    engine, backend = await make_engine(after_accept, step_s=0.01, prefetch=True)
+    engine, backend = await make_engine(after_accept, step_s=0.01, prefetch=True, deadlineMs=60_000)
     await engine.complete(req(FUNC, 4, 4))
     assert engine.prefetch_task is not None and not engine.prefetch_task.done()
     accepted = FUNC.replace("    \n", "    return a + b\n", 1)

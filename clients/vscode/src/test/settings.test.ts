@@ -243,6 +243,7 @@ const MACHINE_ONLY = [
   "model.caFile",
   "model.verifyTls",
   "model.fallback",
+  "model.pageCacheDir",
   "assist.backend",
   "assist.path",
   "assist.baseUrl",
