@@ -116,26 +116,6 @@ class BackendWorker:
         self._jobs.put((fn, fut))
         return await fut
 
-    def call_sync(self, fn: Callable[[], T], timeout: float | None = None) -> T:
-        """Run `fn` on the worker thread and wait (for CLI use, outside an event loop)."""
-        box: dict[str, Any] = {}
-        ev = threading.Event()
-
-        def run() -> None:
-            try:
-                box["value"] = fn()
-            except BaseException as e:
-                box["error"] = e
-            ev.set()
-
-        self._jobs.put((run, None))
-        if not ev.wait(timeout):
-            raise TimeoutError("backend worker did not answer")
-        if "error" in box:
-            raise box["error"]
-        value: T = box["value"]
-        return value
-
     async def load(self, factory: Callable[[], Backend]) -> Backend:
         def load() -> Backend:
             backend = factory()
