@@ -10,8 +10,9 @@ Its calls block: `embed` runs on the index worker thread and `embed_query` on
 the query thread, each over a connection of its own (a query does not wait
 behind a batch). When the host dies, a call starts it again (under the
 rendezvous lock, so a `HostWorker` restarting it at the same moment ends with
-the same host) and retries once; a call that still fails raises, which the
-index treats as a failed embedding step (lexical retrieval meanwhile).
+the same host) and tries again, a few times within seconds (`RETRY_S`); a call
+that still fails raises, which the index treats as a failed embedding step
+(lexical retrieval meanwhile; the backlog resumes with the next file change).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,9 @@ log = logging.getLogger(__name__)
 
 # A reply to one request (the first one loads the embedding model in the host).
 REPLY_TIMEOUT_S = 300.0
+# Waits before each try of a request: a host that was just killed may still accept
+# a connection while its process is torn down, and reset it.
+RETRY_S = (0.0, 0.2, 1.0, 3.0)
 
 
 class EmbedderUnavailable(RuntimeError):
@@ -110,7 +115,8 @@ class HostEmbedder:
             rid = self._next_id
         request = {"op": "embed", "id": rid, "spec": self.spec, "texts": texts, "query": query}
         with conn.lock:
-            for attempt in (1, 2):
+            for attempt, wait in enumerate(RETRY_S, 1):
+                time.sleep(wait)
                 try:
                     sock = conn.sock or self._open(conn)
                     send_sync(sock, request)
@@ -118,7 +124,7 @@ class HostEmbedder:
                     break
                 except (OSError, FrameError, EmbedderUnavailable, rendezvous.HostError) as e:
                     conn.close()
-                    if attempt == 2:
+                    if attempt == len(RETRY_S):
                         raise EmbedderUnavailable(f"the model host cannot embed: {e}") from e
                     log.warning("the model host connection for embeddings ended (%s): again", e)
         if "error" in reply:
