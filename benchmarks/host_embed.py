@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": now(),
         "machine": machine_info(),
         "commit": commit_info(),
-        "command": "python -m exlsp.benchmarks.host_embed " + " ".join(argv or []),
+        "command": "python -m exlsp.benchmarks.host_embed "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "model": settings.name,
         "batch_size_setting": settings.batch_size,
         "results": {},
