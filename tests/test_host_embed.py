@@ -123,6 +123,8 @@ def test_minilm_through_a_detached_host_equals_in_process(runtime: Path) -> None
     (host,) = control.running_hosts()
     assert host["embedders"][0]["name"] == local.name
     assert host["embeddedTexts"] == 6
+    rows = dict(control.describe(host))
+    assert rows["host embeddings"] == f"{local.name} (384 dims, cpu); 6 texts embedded"
 
 
 def test_a_call_right_after_the_host_was_killed_starts_another(runtime: Path) -> None:
