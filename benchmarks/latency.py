@@ -845,7 +845,20 @@ async def _session(
         await asyncio.sleep(0.01)
     first_s = time.perf_counter() - t0
     assert client.proc is not None
-    return client, {"first_suggestion_s": round(first_s, 3), "pid": client.proc.pid}
+    row: dict[str, Any] = {"first_suggestion_s": round(first_s, 3), "pid": client.proc.pid}
+    if (options.get("index") or {}).get("enabled", True):
+        # The index on: measured once it holds vectors (its embedding model loaded,
+        # in the server or in the host).
+        while True:
+            index = (await client.call("exlsp/stats", {})).get("index") or {}
+            if index.get("chunks_with_vectors"):
+                break
+            if time.monotonic() > limit:
+                raise TimeoutError(f"the index has no vectors: {index}")
+            await asyncio.sleep(0.2)
+        row["index_vectors_s"] = round(time.perf_counter() - t0, 3)
+        row["index_state"] = index.get("state")
+    return client, row
 
 
 async def _sessions(
@@ -896,6 +909,7 @@ async def _sessions(
             "loads": host.get("loads"),
             "sessions": len(host.get("sessions") or []),
             "slots_bytes": host.get("slots"),
+            "embedders": host.get("embedders"),
         },
         "in_process": row,
         "additional_session_rss_mb_max": max(extra) if extra else None,
@@ -1431,6 +1445,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0,
         help="then start this many editor sessions on one model host (RSS, first suggestion)",
     )
+    p.add_argument(
+        "--sessions-index",
+        action="store_true",
+        help="with --sessions: the workspace index on in each session (its embedding model "
+        "in the host, or in the server for the in-process session), measured once it has vectors",
+    )
     p.add_argument("--name", default="latency", help="results/<name>.json")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument(
@@ -1559,9 +1579,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{label} done in {time.perf_counter() - t0:.1f} s", flush=True)
         if args.sessions:
             print(f"[sessions] {args.sessions} editor sessions on one model host ...", flush=True)
-            # The workspace index off: its embedding model still loads in each server.
+            # The index off unless asked: it and its embedding model change the RSS.
             session_options = variant_options(base, "reuse")
-            session_options.setdefault("index", {})["enabled"] = False
+            session_options.setdefault("index", {})["enabled"] = bool(args.sessions_index)
             sessions = asyncio.run(
                 _sessions(
                     server_cmd,

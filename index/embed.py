@@ -206,6 +206,12 @@ class SentenceTransformerEmbedder:
     def device(self) -> str:
         return self._device
 
+    @property
+    def max_length(self) -> int | None:
+        """Word pieces the model reads of a text (the rest is cut off)."""
+        value = getattr(self._model, "max_seq_length", None)
+        return None if value is None else int(value)
+
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         vectors = self._model.encode(
             list(texts),
@@ -394,6 +400,32 @@ class QueryVectorCache:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+
+@dataclass(frozen=True)
+class EmbedderSettings:
+    """What loads the configured model elsewhere (the model host), read from its
+    files without importing torch: its name and size as the table records them."""
+
+    name: str
+    path: Path
+    dim: int
+    device: str
+    batch_size: int
+
+
+def embedder_settings(config: IndexConfig) -> EmbedderSettings | None:
+    """The configured model's settings; None for lexical only (as `load_embedder`)."""
+    resolved = resolve_model(config)
+    if resolved is None:
+        return None
+    name, directory = resolved
+    dim = peek_dimension(directory)
+    if dim is None:
+        return None
+    return EmbedderSettings(
+        name, directory, dim, config.embeddingDevice, max(1, config.embeddingBatchSize)
+    )
 
 
 def load_embedder(config: IndexConfig) -> SentenceTransformerEmbedder | None:

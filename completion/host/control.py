@@ -82,14 +82,22 @@ def describe(stats: dict[str, Any]) -> list[tuple[str, str]]:
         ("host memory", _memory(stats)),
         (
             "host sessions",
-            ", ".join(f"pid {s['pid']} ({s['requests']} requests)" for s in stats["sessions"])
+            ", ".join(f"pid {s['pid']} ({s['requests']} {_what(s)})" for s in stats["sessions"])
             or "none connected",
         ),
         ("host loads", f"{stats.get('loads')} model load(s), {stats.get('requests')} requests"),
     ]
+    embedders = stats.get("embedders") or []
+    if embedders:
+        names = ", ".join(f"{e['name']} ({e['dim']} dims, {e['device']})" for e in embedders)
+        rows.append(("host embeddings", f"{names}; {stats.get('embeddedTexts')} texts embedded"))
     if stats.get("error"):
         rows.append(("host error", str(stats["error"])))
     return rows
+
+
+def _what(session: dict[str, Any]) -> str:
+    return "embedding requests" if session.get("role") == "embed" else "requests"
 
 
 def _memory(stats: dict[str, Any]) -> str:

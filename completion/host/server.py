@@ -2,11 +2,15 @@
 served to every `exlsp serve` of the same user over a Unix socket.
 
 Messages (`wire.py` frames), client to host:
-  hello {session, pid, token}      -> welcome {pid, state, info, name, error}
+  hello {session, pid, token, role?} -> welcome {pid, state, info, name, error}
+                                   (role "embed": a connection of the index's embedder)
   submit {id, keep, tail, stopIds, maxTokens, deadlineIn, reuseCache, background}
                                    (the prompt: `keep` tokens of the previous one of its
                                    kind on this connection, then `tail`)
   cancel {id}
+  embed {id, spec, texts, query}   -> embedded {id, shape, dtype, name, dim, maxLength,
+                                   device, bytes} + the float32 matrix as a payload
+                                   (`wire.py`), or embedded {id, error}; see embeddings.py
   stats                            -> stats {...} (also as a connection's first message)
   stop                             -> the host tells every client `bye` and exits
 host to client:
@@ -41,6 +45,7 @@ from exlsp.completion.backends.base import (
 )
 from exlsp.completion.config import ModelConfig
 from exlsp.completion.host import rendezvous
+from exlsp.completion.host.embeddings import HeldEmbedder, HostEmbeddings
 from exlsp.completion.host.wire import FrameError, encode, read_frame
 from exlsp.completion.worker import BackendWorker, GenerationHandle
 
@@ -64,15 +69,16 @@ class _Client:
     writer: asyncio.StreamWriter
     session: str
     pid: int
+    role: str = "model"
     jobs: dict[int, GenerationHandle] = dataclasses.field(default_factory=dict)
     requests: int = 0
     # The last prompt of each kind (foreground, background): a submit carries
     # how much of it to keep and the new tail.
     prompts: dict[bool, list[int]] = dataclasses.field(default_factory=dict)
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: dict[str, Any], payload: bytes | None = None) -> None:
         if not self.writer.is_closing():
-            self.writer.write(encode(message))
+            self.writer.write(encode(message, payload))
 
 
 class ModelHost:
@@ -85,6 +91,7 @@ class ModelHost:
         token: str = "",
         idle_s: float | None = None,
         create: Callable[[ModelConfig], Backend] | None = None,
+        create_embedder: Callable[[dict[str, Any]], HeldEmbedder] | None = None,
     ) -> None:
         self.model = model
         self.socket_path = socket_path
@@ -92,6 +99,7 @@ class ModelHost:
         self.idle_s = model.hostIdleMinutes * 60.0 if idle_s is None else idle_s
         self._create = create
         self.worker = BackendWorker("host")
+        self.embeddings = HostEmbeddings(lambda: not self.worker.idle, create_embedder)
         self.state = "loading"  # loading, ready, error
         self.error: str | None = None
         self.loads = 0
@@ -178,6 +186,7 @@ class ModelHost:
             with contextlib.suppress(Exception):
                 await client.writer.drain()
             client.writer.close()
+        self.embeddings.close()
         await asyncio.to_thread(self.worker.close)
 
     def _arm_idle(self, delay: float | None = None) -> None:
@@ -227,7 +236,10 @@ class ModelHost:
                 await self._command(first, writer)
                 return
             client = _Client(
-                writer, str(first.get("session") or id(writer)), int(first.get("pid", 0))
+                writer,
+                str(first.get("session") or id(writer)),
+                int(first.get("pid", 0)),
+                str(first.get("role") or "model"),
             )
             self.clients.append(client)
             self._arm_idle()
@@ -247,6 +259,8 @@ class ModelHost:
                 op = message.get("op")
                 if op == "submit":
                     self._submit(client, message)
+                elif op == "embed":
+                    asyncio.get_running_loop().create_task(self._embed(client, message))
                 elif op == "cancel":
                     handle = client.jobs.get(int(message.get("id", -1)))
                     if handle is not None:
@@ -311,6 +325,20 @@ class ModelHost:
         self.requests += 1
         asyncio.get_running_loop().create_task(self._stream(client, rid, handle))
 
+    async def _embed(self, client: _Client, message: dict[str, Any]) -> None:
+        rid = message.get("id")
+        try:
+            spec = dict(message["spec"])
+            texts = [str(t) for t in message["texts"]]
+            facts, vectors = await self.embeddings.embed(spec, texts, bool(message.get("query")))
+        except Exception as e:  # the model is missing or broken: that client's error
+            log.warning("embedding failed: %s", e)
+            client.send({"op": "embedded", "id": rid, "error": f"{type(e).__name__}: {e}"})
+            return
+        client.requests += 1
+        header = {"op": "embedded", "id": rid, "shape": list(vectors.shape), "dtype": "float32"}
+        client.send({**header, **facts}, vectors.astype("<f4", copy=False).tobytes())
+
     async def _stream(self, client: _Client, rid: int, handle: GenerationHandle) -> None:
         error: BaseException | None = None
         first = True
@@ -370,8 +398,12 @@ class ModelHost:
             "vramBytes": vram,
             "slots": slots,
             "sessions": [
-                {"session": c.session, "pid": c.pid, "requests": c.requests} for c in self.clients
+                {"session": c.session, "pid": c.pid, "role": c.role, "requests": c.requests}
+                for c in self.clients
             ],
+            "embedders": self.embeddings.facts(),
+            "embedRequests": self.embeddings.requests,
+            "embeddedTexts": self.embeddings.texts,
             **self._model_message(),
         }
 

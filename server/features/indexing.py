@@ -95,6 +95,8 @@ async def start_index(ls: ExlspServer) -> None:
     if not config.enabled or root is None:
         ls.context_source = None
         return
+    from exlsp.completion.host import host_embedder
+    from exlsp.index.embed import embedder_settings
     from exlsp.index.retrieve import WorkspaceRetriever
     from exlsp.index.service import WorkspaceIndex
 
@@ -131,6 +133,8 @@ async def start_index(ls: ExlspServer) -> None:
             config,
             reporter,
             use_watchdog=not editor_events,
+            # The embedding model in the model host (None: loaded here).
+            embedder=host_embedder(ls.config.model, embedder_settings(config)),
             busy=lambda: _completions_busy(ls),
             on_failure=failed,
         )
