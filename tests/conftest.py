@@ -67,7 +67,8 @@ _E2E_NAMES = frozenset(
         "ensure_llama_server",
         "pytest_lsp",
         "ClientServerConfig",
-        "HostWorker",  # starts a model host process when none runs
+        "HostWorker",  # these start a model host process when none runs
+        "host_embedder",
         "ensure_host",
     }
 )
