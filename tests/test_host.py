@@ -4,6 +4,7 @@ idling out. Hosts run the instant backend (the shipped model's tokenizer only)."
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import signal
 import stat
@@ -258,3 +259,21 @@ def test_the_transformers_backend_keeps_at_most_host_slots_caches(tiny_model: Pa
     assert run("b/main").stats.prefilled_tokens == len(prompt)
     assert run("c/main").stats.prefilled_tokens == 1
     backend.close()
+
+
+def test_two_callers_at_the_same_moment_start_one_host(runtime: Path) -> None:
+    """The lock beside the socket: of two servers that find no host at the same moment,
+    one starts it and the other connects to it."""
+    model = instant()
+    paths = rendezvous.HostPaths.for_model(model)
+    paths.socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    barrier = threading.Barrier(2)
+
+    def start() -> bool:
+        barrier.wait()
+        return rendezvous.ensure_host(model, paths)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        started = sorted(pool.map(lambda _: start(), range(2)))
+    assert started == [False, True]
+    assert len(control.running_hosts()) == 1
