@@ -28,10 +28,10 @@ from exlsp.benchmarks.exl_convert import (
     conversion_error,
     ensure_hf_model,
     quant_bits,
-    read_json,
     record_build,
     run_converter,
 )
+from exlsp.completion.models import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConversionError, subprocess.TimeoutExpired) as e:
         print(e, file=sys.stderr)
         return 1
-    print(json.dumps(read_json(path / "exlsp-exl3.json")))
+    print(json.dumps(read_json_object(path / "exlsp-exl3.json")))
     return 0
 
 

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from exlsp.completion.models import read_json_object
+
 logger = logging.getLogger(__name__)
 
 # Files of the HF model that the converted model needs too (tokenizer, build record).
@@ -28,19 +30,10 @@ class ConversionError(RuntimeError):
     pass
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`; {} when it is missing, unreadable or not an object."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def quant_bits(model_dir: Path, method: str) -> float | None:
     """Bits per weight of a finished model directory quantized by `method` ("exl2",
     "exl3"); None if it is not one."""
-    quant = read_json(model_dir / "config.json").get("quantization_config")
+    quant = read_json_object(model_dir / "config.json").get("quantization_config")
     if not isinstance(quant, dict) or quant.get("quant_method") != method:
         return None
     if not any(model_dir.glob("*.safetensors")):
@@ -53,14 +46,14 @@ def already_built(out: Path, method: str, stamp: dict[str, Any]) -> bool:
     """Whether `out` holds a finished `method` model recorded as the build `stamp`."""
     if quant_bits(out, method) is None:
         return False
-    if read_json(out / f"exlsp-{method}.json").get("build") != stamp:
+    if read_json_object(out / f"exlsp-{method}.json").get("build") != stamp:
         return False
     logger.info("%s model already built: %s", method.upper(), out)
     return True
 
 
 def hf_build_matches(hf_dir: Path, family: str, size: str, seed: int) -> bool:
-    info = read_json(hf_dir / "exlsp-build.json")
+    info = read_json_object(hf_dir / "exlsp-build.json")
     return (
         info.get("family") == family
         and info.get("size") == size

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exlsp.benchmarks.exl_convert import read_json
+from exlsp.completion.models import read_json_object
 
 ROOT = Path(__file__).resolve().parent.parent
 KIT_DIR = ROOT / "benchmarks" / "gpu"
@@ -250,7 +250,7 @@ def _exl3_tests_argv(p: KitPaths) -> list[str]:
 
 
 def _collect_model(size: str) -> Callable[[KitPaths], dict[str, Any]]:
-    return lambda p: read_json(p.exl2_dir(size) / "exlsp-exl2.json")
+    return lambda p: read_json_object(p.exl2_dir(size) / "exlsp-exl2.json")
 
 
 def _collect_tests(p: KitPaths) -> dict[str, Any]:
@@ -258,7 +258,7 @@ def _collect_tests(p: KitPaths) -> dict[str, Any]:
 
 
 def _collect_bench(p: KitPaths) -> dict[str, Any]:
-    return read_json(p.out / f"gpu-{BENCH_NAME}.json")
+    return read_json_object(p.out / f"gpu-{BENCH_NAME}.json")
 
 
 # One row per stage, in running order. Another backend (EXL3) adds its rows: a model
@@ -319,7 +319,7 @@ STAGES: tuple[Stage, ...] = (
         90,
         "tiny EXL3 by exllamav3's converter (short calibration)",
         _exl3_model_argv("tiny"),
-        lambda p: read_json(p.exl3_dir("tiny") / "exlsp-exl3.json"),
+        lambda p: read_json_object(p.exl3_dir("tiny") / "exlsp-exl3.json"),
         needs=("exl3-extension",),
         flag="exl3",
     ),
@@ -339,7 +339,7 @@ STAGES: tuple[Stage, ...] = (
         150,
         "Qwen2.5-Coder-1.5B architecture, EXL3 4.0 bpw, exllamav3's converter",
         _exl3_model_argv("1.5b"),
-        lambda p: read_json(p.exl3_dir("1.5b") / "exlsp-exl3.json"),
+        lambda p: read_json_object(p.exl3_dir("1.5b") / "exlsp-exl3.json"),
         needs=("exl3-extension", "model-1.5b"),
         flag="exl3",
     ),
@@ -356,7 +356,7 @@ STAGES: tuple[Stage, ...] = (
         150,
         "the same model through exllamav2's converter (short calibration), timed",
         _convert_argv,
-        lambda p: read_json(p.models / f"{FAMILY}-1.5b-converted-4.0" / "exlsp-exl2.json"),
+        lambda p: read_json_object(p.models / f"{FAMILY}-1.5b-converted-4.0" / "exlsp-exl2.json"),
         needs=("extension", "model-1.5b"),
         flag="with_converter",
     ),
@@ -971,7 +971,7 @@ def _finish(run: _Running, paths: KitPaths, results: KitResults, echo: Any) -> d
         "budget_s": run.stage.budget_s,
         "tail": text.splitlines()[-12:],
     }
-    data = read_json(paths.parts / f"{run.stage.name}.json")
+    data = read_json_object(paths.parts / f"{run.stage.name}.json")
     if run.stage.collect is not None:
         with contextlib.suppress(Exception):
             data = {**data, **run.stage.collect(paths)}

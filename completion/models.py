@@ -46,15 +46,20 @@ EXL3_CONVERT_BITS = (8.0, 6.0, 5.0, 4.0, 3.0)
 EXL3_HEAD_BITS = 6.0
 
 
-def read_model_config(model_dir: Path) -> dict[str, Any]:
-    """A model folder's `config.json`; {} where it is missing, not JSON or not an object.
-
-    The one reader of it (tokenizer, FIM template, exllamav2, doctor, pull)."""
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; {} where it is missing, unreadable or not an object."""
     try:
-        data = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def read_model_config(model_dir: Path) -> dict[str, Any]:
+    """A model folder's `config.json` ({} where it is missing or broken).
+
+    The one reader of it (tokenizer, FIM template, exllamav2, doctor, pull)."""
+    return read_json_object(model_dir / "config.json")
 
 
 @dataclass(frozen=True)

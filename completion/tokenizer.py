@@ -8,14 +8,13 @@ and can never inject a control token into the prompt.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from tokenizers import Tokenizer as _RustTokenizer
 
-from exlsp.completion.models import read_model_config
+from exlsp.completion.models import read_json_object, read_model_config
 
 
 class Tokenizer(Protocol):
@@ -39,14 +38,6 @@ def _token_content(value: Any) -> str | None:
     return None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 class HfTokenizer:
     """`tokenizer.json` (+ `tokenizer_config.json`, `config.json`) of a model dir."""
 
@@ -57,7 +48,7 @@ class HfTokenizer:
             raise FileNotFoundError(f"no tokenizer.json in {model_dir}")
         self._tok = _RustTokenizer.from_file(str(path))
         self._tok.encode_special_tokens = True  # user text never becomes a control token
-        tok_cfg = _read_json(model_dir / "tokenizer_config.json")
+        tok_cfg = read_json_object(model_dir / "tokenizer_config.json")
         model_cfg = read_model_config(model_dir)
 
         specials = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
