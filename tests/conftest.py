@@ -5,11 +5,14 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from exlsp.completion.host import control
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `tests.fakes`
@@ -121,3 +124,36 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.e2e)
         if not any(item.get_closest_marker(m) for m in ("e2e", "slow", "gpu")):
             item.add_marker(pytest.mark.unit)
+
+
+# -- model hosts -------------------------------------------------------------------------
+
+
+def stop_all_hosts() -> None:
+    """Stop every host in this test's runtime folder and wait until each exited."""
+    pids = [h["pid"] for h in control.running_hosts()]
+    control.stop_hosts()
+    limit = time.monotonic() + 10
+    for pid in pids:
+        while time.monotonic() < limit and _alive(pid):
+            time.sleep(0.05)
+        if _alive(pid):
+            os.kill(pid, 9)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def host_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A runtime folder of the test's own: its model hosts are never the user's."""
+    folder = tmp_path / "run"
+    monkeypatch.setenv("EXLSP_RUNTIME_DIR", str(folder))
+    monkeypatch.delenv("EXLSP_MODEL_HOST", raising=False)
+    yield folder
+    stop_all_hosts()

@@ -10,7 +10,6 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,35 +24,6 @@ from exlsp.completion.host.server import ModelHost
 from exlsp.server.doctor import DoctorReport
 
 
-def stop_all_hosts() -> None:
-    """Stop every host in this test's runtime folder and wait until each exited."""
-    pids = [h["pid"] for h in control.running_hosts()]
-    control.stop_hosts()
-    limit = time.monotonic() + 10
-    for pid in pids:
-        while time.monotonic() < limit and _alive(pid):
-            time.sleep(0.05)
-        if _alive(pid):
-            os.kill(pid, 9)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-@pytest.fixture
-def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    folder = tmp_path / "run"
-    monkeypatch.setenv("EXLSP_RUNTIME_DIR", str(folder))
-    monkeypatch.delenv("EXLSP_MODEL_HOST", raising=False)
-    yield folder
-    stop_all_hosts()
-
-
 def instant(**changes: object) -> ModelConfig:
     return ModelConfig(backend="instant", path=str(SHIPPED_MODEL_DIR), device="cpu", **changes)  # type: ignore[arg-type]
 
@@ -66,7 +36,7 @@ async def run_job(worker: HostWorker, prompt: list[int]) -> GenerationJob:
     return job
 
 
-async def test_two_servers_starting_together_share_one_host(runtime: Path) -> None:
+async def test_two_servers_starting_together_share_one_host(host_runtime: Path) -> None:
     a, b = HostWorker(instant()), HostWorker(instant())
     await asyncio.gather(a.load(), b.load())
     try:
@@ -82,27 +52,27 @@ async def test_two_servers_starting_together_share_one_host(runtime: Path) -> No
         b.close()
 
 
-async def test_socket_0600_in_a_0700_folder(runtime: Path) -> None:
+async def test_socket_0600_in_a_0700_folder(host_runtime: Path) -> None:
     worker = HostWorker(instant())
     await worker.load()
     try:
         sock = worker.paths.socket
-        assert sock.parent == runtime
+        assert sock.parent == host_runtime
         assert stat.S_ISSOCK(os.lstat(sock).st_mode)
         assert stat.S_IMODE(os.lstat(sock).st_mode) == 0o600
-        assert stat.S_IMODE(os.lstat(runtime).st_mode) == 0o700
+        assert stat.S_IMODE(os.lstat(host_runtime).st_mode) == 0o700
     finally:
         worker.close()
 
 
-def test_a_loose_runtime_folder_is_tightened(runtime: Path) -> None:
-    runtime.mkdir(mode=0o755)
-    os.chmod(runtime, 0o755)
-    assert rendezvous.runtime_dir() == runtime
-    assert stat.S_IMODE(os.lstat(runtime).st_mode) == 0o700
+def test_a_loose_runtime_folder_is_tightened(host_runtime: Path) -> None:
+    host_runtime.mkdir(mode=0o755)
+    os.chmod(host_runtime, 0o755)
+    assert rendezvous.runtime_dir() == host_runtime
+    assert stat.S_IMODE(os.lstat(host_runtime).st_mode) == 0o700
 
 
-async def test_another_configuration_gets_another_host(runtime: Path) -> None:
+async def test_another_configuration_gets_another_host(host_runtime: Path) -> None:
     a, b = HostWorker(instant(threads=1)), HostWorker(instant(threads=2))
     await a.load()
     await b.load()
@@ -119,7 +89,7 @@ async def test_another_configuration_gets_another_host(runtime: Path) -> None:
 
 
 async def test_a_connection_of_another_user_is_refused(
-    runtime: Path, monkeypatch: pytest.MonkeyPatch
+    host_runtime: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = instant()
     paths = rendezvous.HostPaths.for_model(model)
@@ -143,7 +113,7 @@ async def test_a_connection_of_another_user_is_refused(
         await serving
 
 
-async def test_a_load_error_reaches_every_connected_server_once(runtime: Path) -> None:
+async def test_a_load_error_reaches_every_connected_server_once(host_runtime: Path) -> None:
     model = instant()
     paths = rendezvous.HostPaths.for_model(model)
     both_connected = threading.Event()
@@ -173,7 +143,7 @@ async def test_a_load_error_reaches_every_connected_server_once(runtime: Path) -
     b.close()
 
 
-async def test_the_host_exits_when_idle(runtime: Path) -> None:
+async def test_the_host_exits_when_idle(host_runtime: Path) -> None:
     model = instant()
     paths = rendezvous.HostPaths.for_model(model)
     host = ModelHost(model, paths.socket, idle_s=0.3, create=lambda m: InstantBackend(Path(m.path)))
@@ -189,7 +159,7 @@ async def test_the_host_exits_when_idle(runtime: Path) -> None:
     assert not paths.socket.exists()
 
 
-async def test_a_hung_host_does_not_hold_a_request_past_its_deadline(runtime: Path) -> None:
+async def test_a_hung_host_does_not_hold_a_request_past_its_deadline(host_runtime: Path) -> None:
     worker = HostWorker(instant())
     await worker.load()
     assert worker.host_pid is not None
@@ -208,7 +178,7 @@ async def test_a_hung_host_does_not_hold_a_request_past_its_deadline(runtime: Pa
 
 
 async def test_status_and_doctor_name_each_host(
-    runtime: Path, capsys: pytest.CaptureFixture[str]
+    host_runtime: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from exlsp.server.cli import main as cli
     from exlsp.server.doctor import _host_rows
@@ -261,7 +231,7 @@ def test_the_transformers_backend_keeps_at_most_host_slots_caches(tiny_model: Pa
     backend.close()
 
 
-def test_two_callers_at_the_same_moment_start_one_host(runtime: Path) -> None:
+def test_two_callers_at_the_same_moment_start_one_host(host_runtime: Path) -> None:
     """The lock beside the socket: of two servers that find no host at the same moment,
     one starts it and the other connects to it."""
     model = instant()

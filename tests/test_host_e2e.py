@@ -18,7 +18,7 @@ from lsprotocol import types
 from pytest_lsp import LanguageClient, make_test_lsp_client
 
 from exlsp.completion.host import control
-from tests.test_host import stop_all_hosts
+from tests.conftest import stop_all_hosts
 from tests.test_lsp_e2e import capabilities, get_stats, inline, open_doc, wait_ready
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -8,7 +8,6 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +25,8 @@ from exlsp.index.config import IndexConfig
 from exlsp.index.embed import embedder_settings, load_embedder
 from exlsp.index.service import WorkspaceIndex
 from tests.index_helpers import FakeEmbedder, config_for, wait_until, write, write_workspace
-from tests.test_host import stop_all_hosts
 
 TEXTS = [f"def function_{i}(value):\n    return value * {i}\n" for i in range(70)]
-
-
-@pytest.fixture
-def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    folder = tmp_path / "run"
-    monkeypatch.setenv("EXLSP_RUNTIME_DIR", str(folder))
-    monkeypatch.delenv("EXLSP_MODEL_HOST", raising=False)
-    yield folder
-    stop_all_hosts()
 
 
 def instant() -> ModelConfig:
@@ -52,7 +41,7 @@ def minilm() -> HostEmbedder:
     return embedder
 
 
-async def test_fake_vectors_through_an_in_process_host_equal_in_process(runtime: Path) -> None:
+async def test_fake_vectors_through_an_in_process_host_equal_in_process(host_runtime: Path) -> None:
     model = instant()
     paths = rendezvous.HostPaths.for_model(model)
     made: list[FakeEmbedder] = []
@@ -107,7 +96,7 @@ def test_each_chunk_waits_for_the_completions_first() -> None:
     assert probes == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
-def test_minilm_through_a_detached_host_equals_in_process(runtime: Path) -> None:
+def test_minilm_through_a_detached_host_equals_in_process(host_runtime: Path) -> None:
     embedder = minilm()
     try:
         through_host = embedder.embed(TEXTS[:5])
@@ -127,7 +116,7 @@ def test_minilm_through_a_detached_host_equals_in_process(runtime: Path) -> None
     assert rows["host embeddings"] == f"{local.name} (384 dims, cpu); 6 texts embedded"
 
 
-def test_a_call_right_after_the_host_was_killed_starts_another(runtime: Path) -> None:
+def test_a_call_right_after_the_host_was_killed_starts_another(host_runtime: Path) -> None:
     embedder = minilm()
     try:
         before = embedder.embed(TEXTS[:3])
@@ -142,7 +131,7 @@ def test_a_call_right_after_the_host_was_killed_starts_another(runtime: Path) ->
 
 
 def test_a_killed_host_is_started_again_and_the_index_embeds_on(
-    runtime: Path, tmp_path: Path
+    host_runtime: Path, tmp_path: Path
 ) -> None:
     root = tmp_path / "ws"
     write_workspace(root)
@@ -169,7 +158,9 @@ def test_a_killed_host_is_started_again_and_the_index_embeds_on(
 
 
 @pytest.mark.e2e
-async def test_a_server_with_the_index_on_never_maps_torch(runtime: Path, tmp_path: Path) -> None:
+async def test_a_server_with_the_index_on_never_maps_torch(
+    host_runtime: Path, tmp_path: Path
+) -> None:
     from lsprotocol import types
     from pytest_lsp import make_test_lsp_client
 
@@ -177,7 +168,7 @@ async def test_a_server_with_the_index_on_never_maps_torch(runtime: Path, tmp_pa
 
     ws = tmp_path / "ws"
     write_workspace(ws)
-    env = {**os.environ, "EXLSP_RUNTIME_DIR": str(runtime), "EXLSP_MODEL_HOST": "auto"}
+    env = {**os.environ, "EXLSP_RUNTIME_DIR": str(host_runtime), "EXLSP_MODEL_HOST": "auto"}
     client = make_test_lsp_client()
     await client.start_io(sys.executable, "-m", "exlsp.server", "serve", env=env)
     try:
