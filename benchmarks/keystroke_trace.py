@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from exlsp.benchmarks import provenance
-from exlsp.benchmarks.latency import RpcClient, _capabilities, _wait_ready
+from exlsp.benchmarks.latency import RpcClient, _wait_ready
 
 _ROOT = Path(__file__).resolve().parent.parent
 _PACKAGES = tuple(str(_ROOT / name) + os.sep for name in ("server", "completion", "index"))
@@ -76,16 +76,7 @@ async def _type(cmd: list[str], keystrokes: int, options: dict[str, Any]) -> Non
         uri = (root / "main.py").as_uri()
         await client.start(cmd, stderr, dict(os.environ))
         try:
-            await client.call(
-                "initialize",
-                {
-                    "processId": os.getpid(),
-                    "rootUri": root.as_uri(),
-                    "capabilities": _capabilities(),
-                    "initializationOptions": options,
-                },
-            )
-            client.notify("initialized", {})
+            await client.initialize(root, options)
             await _wait_ready(client, 120)
             doc = {"uri": uri, "languageId": "python", "version": 1, "text": _DOCUMENT}
             client.notify("textDocument/didOpen", {"textDocument": doc})

@@ -158,6 +158,22 @@ class RpcClient:
         self._write({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
         return msg_id, fut
 
+    async def initialize(self, root: Path, options: dict[str, Any]) -> Any:
+        """`initialize` with `root` as the one workspace folder, then `initialized`."""
+        result = await self.call(
+            "initialize",
+            {
+                "processId": os.getpid(),
+                "clientInfo": {"name": "exlsp-latency-bench"},
+                "rootUri": root.as_uri(),
+                "workspaceFolders": [{"uri": root.as_uri(), "name": root.name}],
+                "capabilities": _capabilities(),
+                "initializationOptions": options,
+            },
+        )
+        self.notify("initialized", {})
+        return result
+
     async def call(self, method: str, params: Any, timeout: float = 60) -> Any:
         _, fut = self.request(method, params)
         response = await asyncio.wait_for(fut, timeout)
@@ -510,18 +526,7 @@ async def _replay(
         await client.start(server_cmd, stderr, server_env)
         try:
             root = (workspace or file.parent).resolve()
-            await client.call(
-                "initialize",
-                {
-                    "processId": os.getpid(),
-                    "clientInfo": {"name": "exlsp-latency-bench"},
-                    "rootUri": root.as_uri(),
-                    "workspaceFolders": [{"uri": root.as_uri(), "name": root.name}],
-                    "capabilities": _capabilities(),
-                    "initializationOptions": init_options,
-                },
-            )
-            client.notify("initialized", {})
+            await client.initialize(root, init_options)
             t_load = time.perf_counter()
             ready = await _wait_ready(client, ready_timeout_s)
             load_s = time.perf_counter() - t_load
@@ -811,16 +816,7 @@ async def _session(
     await client.start(server_cmd, asyncio.subprocess.DEVNULL, env)
     t0 = time.perf_counter()
     root = file.parent.resolve()
-    await client.call(
-        "initialize",
-        {
-            "processId": os.getpid(),
-            "rootUri": root.as_uri(),
-            "capabilities": _capabilities(),
-            "initializationOptions": options,
-        },
-    )
-    client.notify("initialized", {})
+    await client.initialize(root, options)
     text = file.read_text(encoding="utf-8", errors="replace")
     lines = text.splitlines()
     line = min(len(lines) - 1, 40)
@@ -1287,17 +1283,7 @@ async def _accept_run(
         await client.start(server_cmd, stderr, env)
         try:
             root = file.parent.resolve()
-            await client.call(
-                "initialize",
-                {
-                    "processId": os.getpid(),
-                    "rootUri": root.as_uri(),
-                    "workspaceFolders": [{"uri": root.as_uri(), "name": root.name}],
-                    "capabilities": _capabilities(),
-                    "initializationOptions": init_options,
-                },
-            )
-            client.notify("initialized", {})
+            await client.initialize(root, init_options)
             ready = await _wait_ready(client, 600)
             if ready["state"] != "ready":
                 raise RuntimeError(f"the server could not load the model: {ready.get('error')}")
