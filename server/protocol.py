@@ -16,6 +16,7 @@ import logging
 import re
 import sys
 import threading
+import time
 import types as pytypes
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO, ClassVar, cast
@@ -36,6 +37,9 @@ from pygls.protocol.language_server import lsp_method
 log = logging.getLogger(__name__)
 
 _CONTENT_LENGTH = re.compile(rb"^Content-Length: (\d+)\r\n$")
+# How long a received `exit` may wait, after the input ended, for a `shutdown` still
+# running (VS Code kills a server that has not exited 2 s after `exit`).
+EXIT_WAIT_S = 5.0
 
 
 class ExlspProtocol(LanguageServerProtocol):
@@ -47,7 +51,8 @@ class ExlspProtocol(LanguageServerProtocol):
       instead of being dropped.
     - The lifecycle as the spec has it: a second `initialize` and every request
       after `shutdown` are refused with -32600, and an `exit` that arrives while
-      `shutdown` still runs (Helix sends both in one write) waits for its answer.
+      `shutdown` still runs (Helix sends both in one write) waits for its answer,
+      also when the input ends right after it.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -55,6 +60,7 @@ class ExlspProtocol(LanguageServerProtocol):
         self._initialize_seen = False
         # The `shutdown` request's future, from its arrival: from then on only `exit` is served.
         self._shutdown_request: Any = None
+        self._exiting = False  # `exit` arrived (it may wait for the `shutdown` answer)
 
     # pygls 2.1 keeps its own copy of each document (updated at every didChange) and
     # hands the handler over through a generator; here the handler is called plainly
@@ -184,10 +190,22 @@ class ExlspProtocol(LanguageServerProtocol):
     @lsp_method(types.EXIT)
     def lsp_exit(self, *args: Any) -> Any:
         """pygls' exit, after the answer to a `shutdown` that is still running."""
+        self._exiting = True
         pending = self._shutdown_request
         if pending is not None and not pending.done():
             yield _wait_for, (pending,), None
         yield from super().lsp_exit(*args)
+
+    async def finish_exit(self, timeout: float = EXIT_WAIT_S) -> None:
+        """The input ended: an `exit` received before its end still ends the process.
+
+        Editors close the pipe right after writing `exit`, often in the same write
+        as `shutdown`. The loop's end would cancel a `shutdown` still running (its
+        answer became -32800 and the exit code 1): wait, at most `timeout`, for
+        `exit` to end the process (SystemExit, with 0 after the answer)."""
+        limit = time.monotonic() + timeout
+        while self._exiting and time.monotonic() < limit:
+            await asyncio.sleep(0.01)
 
     def _handle_cancel_notification(self, msg_id: Any) -> None:
         # Editors cancel the previous inline request at every keystroke, often after
@@ -281,6 +299,7 @@ class ProtocolServer(LanguageServer):
             except (ValueError, OSError):
                 reader = StdinAsyncReader(stdin, self.thread_pool)
             await self.read_messages(reader, stop)
+            await cast(ExlspProtocol, self.protocol).finish_exit()
 
         try:
             asyncio.run(serve())
@@ -351,6 +370,7 @@ class ProtocolServer(LanguageServer):
             self.protocol.set_writer(writer)
             try:
                 await self.read_messages(reader, stop)
+                await cast(ExlspProtocol, self.protocol).finish_exit()
             except SystemExit as e:  # the client's `exit`: 0 after `shutdown`, 1 without
                 self.exit_code = e.code if isinstance(e.code, int) else 1
             if listener is not None:

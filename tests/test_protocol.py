@@ -283,3 +283,32 @@ def test_a_body_that_is_not_json_rpc_is_answered() -> None:
     errors = [(m["id"], m["error"]["code"]) for m in h.messages() if "error" in m]
     assert errors == [(None, -32700), (None, -32600), (None, -32700)]
     assert "result" in h.answer(1)  # and the server reads on
+
+
+def test_exit_then_end_of_input_still_answers_a_running_shutdown() -> None:
+    """Editors close the pipe right after `exit`: the loop's end once cancelled a
+    `shutdown` still running (answer -32800, exit code 1)."""
+    import os
+
+    server = build_server()
+
+    async def slow_shutdown(params: Any) -> None:
+        await asyncio.sleep(0.3)  # stopping the model and the index takes a while
+
+    server.protocol.fm.features["shutdown"] = slow_shutdown
+    stdin_r, stdin_w = os.pipe()
+    stdout_r, stdout_w = os.pipe()
+    init = {"processId": None, "rootUri": None, "capabilities": {}}
+    messages = [
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init},
+        {"jsonrpc": "2.0", "id": 2, "method": "shutdown"},
+        {"jsonrpc": "2.0", "method": "exit"},
+    ]
+    os.write(stdin_w, b"".join(frame(m) for m in messages))
+    os.close(stdin_w)  # the input ends right after `exit`
+    with open(stdin_r, "rb", buffering=0) as stdin, open(stdout_w, "wb") as stdout:
+        server.start_io(stdin, stdout)
+    with open(stdout_r, "rb") as out:
+        answers = {m.get("id"): m for m in parse(out.read())}
+    assert answers[2].get("result", "missing") is None, answers[2]
+    assert server.exit_code == 0
