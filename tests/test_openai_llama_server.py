@@ -272,7 +272,9 @@ async def client(lsp_client: LanguageClient, own_llama: LlamaServer, trained_mod
                     "baseUrl": own_llama.base_url,
                     "path": str(trained_model),
                 },
-                "completion": {"deadlineMs": 20000, "maxTokens": 24},
+                # No prefetch: one in flight when the server is stopped fails as a
+                # broken stream, before the next keystroke's "cannot connect".
+                "completion": {"deadlineMs": 20000, "maxTokens": 24, "prefetch": False},
                 "index": {"enabled": False},
             },
         )
